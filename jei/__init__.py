@@ -1,0 +1,3 @@
+"""jei-dnn: jointly-learned early exits on frozen backbones."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Datasets as seeded train / validation / calibration / test splits (see ``base.DataSplits``)."""
