@@ -133,6 +133,9 @@ BACKBONES: Registry[Any] = Registry(
     {
         "small_cnn": "jei.backbones.small_cnn:SmallCNN",
         "cifar_resnet": "jei.backbones.cifar_resnet:CifarResNet",
+        "timm": "jei.backbones.timm_adapter:TimmBackbone",
+        "t2t_vit": "jei.backbones.t2t_vit:T2TViT",
+        "graph_gps": "jei.backbones.graph_gps:GraphGPS",
     },
 )
 IMS: Registry[Any] = Registry(
@@ -159,5 +162,11 @@ DATASETS: Registry[Any] = Registry(
     {
         "digits": "jei.data.digits:load_digits",
         "cifar10": "jei.data.cifar:load_cifar10",
+        "cifar100": "jei.data.images:load_cifar100",
+        "cifar100_lt": "jei.data.images:load_cifar100_lt",
+        "svhn": "jei.data.images:load_svhn",
+        "imagenet": "jei.data.images:load_imagenet",
+        "tu": "jei.data.graphs:load_tu",
+        "superpixels": "jei.data.graphs:load_superpixels",
     },
 )
