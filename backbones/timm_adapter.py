@@ -1,0 +1,297 @@
+"""Any timm classifier of a supported family as a frozen backbone, with exits at timm's own taps.
+
+The candidate exits come from timm's metadata, never from hand-made lists: for a
+VisionTransformer (ViT, DeiT, distilled DeiT) one per block, for the CNN families (ResNet,
+ConvNeXt, EfficientNet, MobileNetV3) one per ``model.feature_info`` tap. The last block / tap
+feeds the backbone's own head (exit G), so it is never an intermediate exit.
+
+To run segment by segment (real early exit), the adapter replays ``forward_features`` as a
+flat list of steps (stem, stages or blocks, final norm) and finishes with ``forward_head``;
+the tests check this against ``model(x)`` and ``forward_intermediates``.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jei.types import ExitSpec
+
+from .base import FrozenBackbone, load_state_dict_strict
+from .weights import read_state_dict
+
+Step = tuple[str, Callable[[Any], Any]]
+
+# forward_features of each CNN family as its top-level modules in call order (timm 1.0.x).
+# A module holding feature_info taps (e.g. ``stages``, ``blocks``) is replayed child by child.
+_CNN_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "ResNet": ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"),
+    "ConvNeXt": ("stem", "stages", "norm_pre"),
+    "EfficientNet": ("conv_stem", "bn1", "blocks", "conv_head", "bn2"),
+    "MobileNetV3": ("conv_stem", "bn1", "blocks"),
+}
+_PROBE_TIMEOUT_S = 3.0
+
+
+class TimmBackbone(FrozenBackbone):
+    """A timm model (``timm.create_model(model_name)``) cut into segments at its exits.
+
+    Args:
+        model_name: any timm name of a supported family, e.g. ``"deit_tiny_patch16_224"``,
+            ``"resnet18"``, ``"convnext_tiny"``, ``"mobilenetv3_small_100"``, ``"test_vit"``.
+        num_classes: classes of the head (filled in from the dataset by the pipeline).
+        exits: ``"all"`` or indices into the candidate exits (0-based, increasing): the blocks
+            but the last for a ViT; ``feature_info`` taps but the last for a CNN (for ResNet and
+            MobileNetV3, candidate 0 is the stem). ``candidate_exits(model_name)`` lists them.
+        token: ViT exit representation, after the model's final norm: ``"cls"`` (the class
+            token, as in the JEI-DNN paper) or ``"mean"`` (mean of the patch tokens, prefix
+            tokens such as a distillation token or registers left out). Ignored for CNNs.
+        weights: a local weights file (safetensors or torch state dict in timm's layout, e.g.
+            the ``model.safetensors`` of a timm hub repository), loaded strictly.
+        pretrained: load timm's own pretrained weights by name (needs the Hugging Face hub or
+            its local cache; on an offline machine use ``weights`` instead).
+        reset_head: replace the checkpoint's head by a new one for ``num_classes`` (needed when
+            the checkpoint's class count differs); the backbone then has to be fine-tuned
+            (``trainer.train_backbone=true``) before its exits are fitted.
+        input_size: resize every batch to ``input_size`` x ``input_size`` (bilinear) first,
+            e.g. 224 to feed 32x32 CIFAR images to an ImageNet model; ``None`` keeps inputs.
+        model_kwargs: extra ``timm.create_model`` kwargs, e.g. ``{"img_size": 32}``.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        exits: Sequence[int] | str = "all",
+        token: Literal["cls", "mean"] = "cls",
+        weights: str | None = None,
+        pretrained: bool = False,
+        reset_head: bool = False,
+        input_size: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if token not in ("cls", "mean"):
+            raise ValueError(f"backbone.token must be 'cls' or 'mean', got {token!r}")
+        if weights is not None and pretrained:
+            raise ValueError("backbone.weights and backbone.pretrained=true both load weights: choose one")
+        if reset_head and weights is None and not pretrained:
+            raise ValueError("backbone.reset_head=true needs backbone.weights or backbone.pretrained=true")
+        if input_size is not None and input_size < 1:
+            raise ValueError(f"backbone.input_size must be a positive image size or null, got {input_size}")
+        self.num_classes = num_classes
+        self.input_size = input_size
+        self.token = token
+        self.model = _create_model(model_name, num_classes, pretrained, reset_head, dict(model_kwargs or {}))
+        self._is_vit = _is_vit(self.model)
+        if self._is_vit and token == "cls" and getattr(self.model, "cls_token", None) is None:
+            raise ValueError(f"backbone.token: {model_name} has no class token; use token: mean")
+        self._steps, candidates = _vit_layout(self.model) if self._is_vit else _cnn_layout(self.model, model_name)
+        chosen = _choose_exits(exits, len(candidates))
+        self.exit_specs = tuple(ExitSpec(index, *candidates[position][1:]) for index, position in enumerate(chosen))
+        # Segment i runs steps [bounds[i], bounds[i+1]); the last one then applies forward_head.
+        self._bounds = [0, *(candidates[position][0] + 1 for position in chosen), len(self._steps)]
+        if weights is not None:
+            load_keeping_head(
+                self.model, read_state_dict(weights), weights, _head_prefixes(self.model), num_classes, reset_head
+            )
+
+    def begin(self, inputs: Tensor) -> Tensor:
+        if self.input_size is not None and tuple(inputs.shape[-2:]) != (self.input_size, self.input_size):
+            inputs = F.interpolate(inputs, size=(self.input_size,) * 2, mode="bilinear", antialias=True)
+        return inputs
+
+    def run_segment(self, index: int, state: Tensor) -> Tensor:
+        for _, step in self._steps[self._bounds[index] : self._bounds[index + 1]]:
+            state = step(state)
+        return self.model.forward_head(state) if index == self.num_gates else state
+
+    def represent(self, index: int, state: Tensor) -> Tensor:
+        if not self._is_vit:
+            return state
+        tokens = self.model.norm(state)  # the final norm, as in the paper's ViT IMs
+        pooled = tokens[:, 0] if self.token == "cls" else tokens[:, self.model.num_prefix_tokens :].mean(1)
+        return self.model.fc_norm(pooled)  # identity unless the model pools before its norm
+
+
+def candidate_exits(model_name: str, **model_kwargs: Any) -> list[str]:
+    """The module names of ``model_name``'s candidate exits, in the order ``exits`` indexes them."""
+    import timm
+
+    model = timm.create_model(model_name, pretrained=False, **model_kwargs)
+    _, candidates = _vit_layout(model) if _is_vit(model) else _cnn_layout(model, model_name)
+    return [name for _, name, *_ in candidates]
+
+
+def _is_vit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+# A candidate exit: (position of the step it follows, name, kind, channels, reduction).
+Candidate = tuple[int, str, str, int, int | None]
+
+
+def _vit_layout(model: nn.Module) -> tuple[list[Step], list[Candidate]]:
+    """VisionTransformer.forward_features as steps; one candidate exit per block but the last."""
+    steps: list[Step] = [
+        ("patch_embed", model.patch_embed),
+        ("pos_embed", model._pos_embed),  # adds the prefix tokens (class, distillation, registers)
+        ("patch_drop", model.patch_drop),
+        ("norm_pre", model.norm_pre),
+    ]
+    first_block = len(steps)
+    steps += [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
+    steps.append(("norm", model.norm))
+    candidates = [
+        (first_block + i, f"blocks.{i}", "vector", model.embed_dim, None) for i in range(len(model.blocks) - 1)
+    ]
+    return steps, candidates
+
+
+def _cnn_layout(model: nn.Module, model_name: str) -> tuple[list[Step], list[Candidate]]:
+    """forward_features of a CNN as steps; one candidate exit per feature_info tap but the last."""
+    family = next((name for name in _CNN_LAYOUTS if type(model).__name__ == name), None)
+    if family is None:
+        raise ValueError(
+            f"backbone.model_name: {model_name} is a timm {type(model).__name__}; the timm adapter "
+            f"supports VisionTransformer (ViT, DeiT) and {', '.join(_CNN_LAYOUTS)} models. "
+            f"Pick one of those, or register an adapter for this family in jei.registry.BACKBONES."
+        )
+    taps = [info["module"] for info in model.feature_info]
+    steps: list[Step] = []
+    for name in _CNN_LAYOUTS[family]:
+        module = model.get_submodule(name)
+        if any(tap.startswith(f"{name}.") for tap in taps):
+            steps += [(f"{name}.{child}", sub) for child, sub in module.named_children()]
+        else:
+            steps.append((name, module))
+    positions = {name: position for position, (name, _) in enumerate(steps)}
+    missing = [tap for tap in taps if tap not in positions]
+    if missing:
+        raise ValueError(f"backbone.model_name: {model_name}'s feature_info taps {missing} are not in its "
+                         f"{family} layout; this timm version is not supported by the timm adapter")
+    candidates = [
+        (positions[info["module"]], info["module"], "map", info["num_chs"], info["reduction"])
+        for info in model.feature_info[:-1]
+    ]
+    return steps, candidates
+
+
+def _choose_exits(exits: Sequence[int] | str, count: int) -> list[int]:
+    if count == 0:
+        raise ValueError("backbone.model_name: the model has no intermediate exit candidates (too shallow)")
+    if isinstance(exits, str):
+        if exits != "all":
+            raise ValueError(f"backbone.exits must be 'all' or a list of candidate indices, got {exits!r}")
+        return list(range(count))
+    chosen = list(exits)
+    if not chosen:
+        raise ValueError(f"backbone.exits: choose at least one of the {count} candidate exits (0..{count - 1})")
+    for position in chosen:
+        if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position < count:
+            raise ValueError(
+                f"backbone.exits: {position!r} is not a candidate index; this model has {count} "
+                f"candidate exits, indices 0..{count - 1} (the last block/stage feeds the head)"
+            )
+    if any(b <= a for a, b in zip(chosen, chosen[1:])):
+        raise ValueError(f"backbone.exits must be strictly increasing candidate indices, got {chosen}")
+    return chosen
+
+
+def _create_model(
+    model_name: str, num_classes: int, pretrained: bool, reset_head: bool, model_kwargs: dict[str, Any]
+) -> nn.Module:
+    import timm
+
+    if not timm.is_model(model_name):
+        raise ValueError(f"backbone.model_name: timm has no model {model_name!r} (see timm.list_models())")
+    if not pretrained:
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None or not cfg.has_weights:
+        raise ValueError(f"backbone.pretrained: timm publishes no pretrained weights for {model_name}")
+    if num_classes != cfg.num_classes and not reset_head:
+        raise ValueError(
+            f"backbone.pretrained: {model_name}'s head has {cfg.num_classes} classes but the data has "
+            f"{num_classes}; set backbone.reset_head=true to train a new head"
+        )
+    _check_hub_reachable(model_name, cfg)
+    try:
+        model = timm.create_model(model_name, pretrained=True, num_classes=num_classes, **model_kwargs)
+    except OSError as err:  # also huggingface_hub's LocalEntryNotFoundError and urllib's URLError
+        raise RuntimeError(_offline_message(model_name, str(err))) from err
+    if reset_head:
+        model.reset_classifier(num_classes)
+    return model
+
+
+def _check_hub_reachable(model_name: str, cfg: Any) -> None:
+    """Fail in seconds, not after minutes of download retries, when the weights host is unreachable.
+
+    In Hugging Face offline mode (``HF_HUB_OFFLINE=1``) timm reads its local cache, so no probe.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    host = urlparse(constants.ENDPOINT if cfg.hf_hub_id else cfg.url).hostname
+    if host is None:  # a local pretrained file
+        return
+    try:
+        socket.create_connection((host, 443), timeout=_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise RuntimeError(_offline_message(model_name, f"{host} is unreachable: {err}")) from err
+
+
+def _offline_message(model_name: str, reason: str) -> str:
+    return (
+        f"backbone.pretrained: could not fetch timm's weights for {model_name} ({reason}). This "
+        f"machine cannot download them: download the weights file elsewhere (e.g. model.safetensors "
+        f"from https://huggingface.co/timm/{model_name}) and pass backbone.weights=<file> with "
+        f"backbone.pretrained=false, or fill the Hugging Face cache and set HF_HUB_OFFLINE=1."
+    )
+
+
+def load_keeping_head(
+    module: nn.Module,
+    state: dict[str, Tensor],
+    source: str,
+    head_prefixes: Sequence[str],
+    num_classes: int,
+    reset_head: bool,
+) -> None:
+    """Load ``state`` strictly; with ``reset_head`` the module keeps its own (new) head.
+
+    ``head_prefixes`` name the classifier modules (e.g. ``("head",)``, ``("head", "head_dist")``).
+    Without ``reset_head``, a head of another class count is an error that names the fix.
+    """
+    def in_head(key: str) -> bool:
+        return any(key.startswith(f"{prefix}.") for prefix in head_prefixes)
+
+    own = module.state_dict()
+    head = [key for key in own if in_head(key)]
+    if reset_head:
+        state = {key: value for key, value in state.items() if not in_head(key)}
+        state.update({key: own[key] for key in head})
+    else:
+        mismatched = [key for key in head if key in state and state[key].shape != own[key].shape]
+        if mismatched:
+            key = mismatched[0]
+            raise ValueError(
+                f"backbone.weights: {source} has a head of shape {tuple(state[key].shape)} ({key}), the "
+                f"model needs {tuple(own[key].shape)} for {num_classes} classes; set "
+                f"backbone.reset_head=true to train a new head"
+            )
+    load_state_dict_strict(module, state, source)
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
