@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from torch import Tensor
 
@@ -38,3 +38,40 @@ class BackboneOutput:
 
     features: list[Tensor]
     logits: Tensor
+
+
+@dataclass
+class ExitOutputs:
+    """Every exit's prediction for a batch.
+
+    Attributes:
+        logits: ``[G+1, B, K]``: the G IMs' logits, then the backbone head's.
+        gate_logits: ``[B, G]``: one gate logit per intermediate exit.
+    """
+
+    logits: Tensor
+    gate_logits: Tensor
+
+    @property
+    def num_gates(self) -> int:
+        return self.gate_logits.shape[-1]
+
+
+@dataclass
+class EarlyExitResult:
+    """What real early-exit inference returns, in input order."""
+
+    logits: Tensor  # [B, K], from the exit each sample took
+    exit_index: Tensor  # [B], in 0..G
+
+
+class Objective(Protocol):
+    """What the exit trainer asks of an objective plugin (see ``jei.objectives.jei``)."""
+
+    def warmup_loss(self, im_logits: Tensor, labels: Tensor, active: Tensor | None = None) -> Tensor: ...
+
+    def gate_loss(self, exit_logits: Tensor, gate_logits: Tensor, labels: Tensor, costs: Tensor) -> Tensor: ...
+
+    def im_loss(self, im_logits: Tensor, gate_logits: Tensor, labels: Tensor) -> Tensor: ...
+
+    def update_from_validation(self, exit_logits: Tensor, labels: Tensor, costs: Tensor) -> None: ...

@@ -57,6 +57,8 @@ class TensorDataSplits(DataSplits):
         self.num_classes = num_classes
         self.augment_fn = augment_fn
         self.check()
+        # Channels of an image (axis 1), so backbones can be sized from the data.
+        self.in_channels = int(splits["train"].inputs.shape[1]) if splits["train"].inputs.dim() > 1 else None
 
     def size(self, split: str) -> int:
         return len(self._split(split).labels)

@@ -1,0 +1,65 @@
+"""Per-exit cost in mul-adds, measured by running the real modules (METHOD §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from jei.model import EarlyExitNetwork
+
+R = TypeVar("R")
+
+
+def _count(fn: Callable[[], R]) -> tuple[R, int]:
+    """Run ``fn`` and return its result with the mul-adds it performed (FLOPs / 2)."""
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return result, counter.get_total_flops() // 2
+
+
+@dataclass
+class ExitCosts:
+    """Cumulative mul-adds per sample to reach each exit's prediction and decision.
+
+    ``mul_adds[l]`` counts the backbone up to exit l plus every IM and gate evaluated on the
+    way (exit l's included); the final exit counts the whole backbone and all IMs and gates.
+    ``normalized`` divides by the final exit's count, so it ends at 1 and increases strictly.
+    """
+
+    mul_adds: list[float]
+    backbone_mul_adds: float
+
+    @property
+    def normalized(self) -> torch.Tensor:
+        values = torch.tensor(self.mul_adds, dtype=torch.float64)
+        return values / values[-1]
+
+
+@torch.no_grad()
+def measure_exit_costs(network: EarlyExitNetwork, example_inputs: Any) -> ExitCosts:
+    """Measure per-sample cumulative costs on ``example_inputs`` (averaged over the batch,
+    which matters for graphs of different sizes)."""
+    backbone = network.backbone
+    batch = backbone.batch_size(example_inputs)
+    state = backbone.begin(example_inputs)
+    spent, backbone_spent, cumulative = 0, 0, []
+    for index, (im, gate) in enumerate(zip(network.ims, network.gates)):
+        state, segment = _count(lambda: backbone.run_segment(index, state))
+        logits, head = _count(lambda: im(backbone.represent(index, state)))
+        _, decision = _count(lambda: gate(logits))
+        backbone_spent += segment
+        spent += segment + head + decision
+        cumulative.append(spent / batch)
+    _, last = _count(lambda: backbone.run_segment(network.num_gates, state))
+    cumulative.append((spent + last) / batch)
+    costs = ExitCosts(mul_adds=cumulative, backbone_mul_adds=(backbone_spent + last) / batch)
+    if any(b <= a for a, b in zip(cumulative, cumulative[1:])) or cumulative[0] <= 0:
+        raise ValueError(
+            f"measured exit costs are not positive and strictly increasing: {cumulative}; "
+            "every backbone segment must do some counted work (conv/matmul)"
+        )
+    return costs

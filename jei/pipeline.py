@@ -1,0 +1,130 @@
+"""One experiment, end to end: backbone stage, freeze, exit stage, early-exit evaluation.
+
+Takes built objects and plain settings (``jei.build`` makes them from Hydra configs), and
+writes its results into ``output_dir``: ``metrics.json``, ``exits.safetensors`` (IMs and
+gates), ``backbone.safetensors`` when the backbone was trained here, and PNG plots. Every
+file is written atomically, and ``metrics.json`` last, so a failed run leaves no partial results.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from jei.cost import measure_exit_costs
+from jei.data.base import DataSplits
+from jei.evaluate import exit_metrics
+from jei.features import CachedSplit, cached_split, to_device
+from jei.io import atomic_write, write_json
+from jei.model import EarlyExitNetwork, predict_from_outputs
+from jei.plots import plot_accuracy_cost, plot_exit_histogram
+from jei.train import BackboneTraining, ExitTraining, backbone_accuracy, exit_outputs, fit_backbone, fit_exits
+from jei.types import Objective
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSettings:
+    seed: int
+    device: torch.device
+    train_backbone: bool
+    backbone_training: BackboneTraining
+    exit_training: ExitTraining
+    feature_cache_dir: Path | None  # None: compute features in memory for this run only
+    data_fingerprint: str = ""
+    eval_batch_size: int = 256
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_state(module: torch.nn.Module, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+@torch.no_grad()
+def early_exit_predictions(network: EarlyExitNetwork, data: DataSplits, split: str, batch_size: int, device: torch.device):
+    """Real early-exit inference over a split: predictions and exits, in split order."""
+    network.eval()
+    predictions, exits = [], []
+    for inputs, _ in data.batches(split, batch_size):
+        result = network.early_exit(to_device(inputs, device))
+        predictions.append(result.logits.argmax(-1).cpu())
+        exits.append(result.exit_index.cpu())
+    return torch.cat(predictions), torch.cat(exits)
+
+
+def run_experiment(
+    data: DataSplits,
+    backbone: torch.nn.Module,
+    make_network: Callable[[torch.nn.Module], EarlyExitNetwork],
+    objective: Objective,
+    settings: RunSettings,
+    output_dir: Path,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run every stage and return the metrics also written to ``output_dir/metrics.json``."""
+    output_dir = Path(output_dir)
+    device = settings.device
+    seed_everything(settings.seed)
+    backbone.to(device)
+    history: dict[str, Any] = {}
+    if settings.train_backbone:
+        history["backbone"] = fit_backbone(backbone, data, settings.backbone_training, device, settings.seed)
+        save_state(backbone, output_dir / "backbone.safetensors")
+    backbone.freeze()
+
+    network = make_network(backbone).to(device)
+    example, _ = next(iter(data.batches("test", 8)))
+    costs = measure_exit_costs(network, to_device(example, device))
+    log.info("exit costs (normalised): %s", [round(c, 4) for c in costs.normalized.tolist()])
+
+    splits: dict[str, CachedSplit] = {
+        split: cached_split(
+            network, data, split, settings.eval_batch_size, device, settings.feature_cache_dir, settings.data_fingerprint
+        )
+        for split in ("train", "val", "cal", "test")
+    }
+    history["exits"] = fit_exits(
+        network, objective, splits["train"], splits["val"], costs.normalized.float(), settings.exit_training,
+        device, settings.seed,
+    )
+
+    network.eval()
+    test_outputs = exit_outputs(network, splits["test"], device)
+    cached_prediction = predict_from_outputs(test_outputs)
+    predictions, exits = early_exit_predictions(network, data, "test", settings.eval_batch_size, device)
+    labels = splits["test"].labels
+    metrics = exit_metrics(exits, predictions, labels, costs.normalized, test_outputs.logits)
+    metrics["early_exit_agreement"] = (
+        (exits == cached_prediction.exit_index) & (predictions == cached_prediction.logits.argmax(-1))
+    ).double().mean().item()
+    metrics["exit_mul_adds"] = costs.mul_adds
+    metrics["backbone_mul_adds"] = costs.backbone_mul_adds
+    metrics["backbone_val_accuracy"] = backbone_accuracy(backbone, data, "val", settings.eval_batch_size, device)
+    metrics["history"] = history
+    metrics["config"] = config or {}
+
+    save_state(torch.nn.ModuleDict({"ims": network.ims, "gates": network.gates}), output_dir / "exits.safetensors")
+    plot_exit_histogram(metrics, output_dir / "exit_histogram.png")
+    plot_accuracy_cost(metrics, output_dir / "accuracy_cost.png")
+    write_json(output_dir / "metrics.json", metrics)
+    log.info(
+        "test accuracy %.4f at expected cost %.4f (backbone %.4f); exits %s",
+        metrics["accuracy"], metrics["expected_cost"], metrics["backbone_accuracy"],
+        [round(f, 3) for f in metrics["exit_fractions"]],
+    )
+    return metrics

@@ -1,0 +1,49 @@
+"""PNG plots of a run: where samples exit, and accuracy and cost per exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+from jei.io import atomic_path  # noqa: E402
+
+
+def _save(figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+
+
+def plot_exit_histogram(metrics: dict[str, Any], path: Path) -> None:
+    fractions = metrics["exit_fractions"]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.bar(range(len(fractions)), [100 * f for f in fractions], color="tab:blue")
+    axis.set_xlabel("exit (last = backbone head)")
+    axis.set_ylabel("test samples (%)")
+    axis.set_title(f"Where samples exit (accuracy {100 * metrics['accuracy']:.1f}%, cost {metrics['expected_cost']:.2f})")
+    _save(figure, path)
+
+
+def plot_accuracy_cost(metrics: dict[str, Any], path: Path) -> None:
+    costs, im_accuracy = metrics["exit_costs"], metrics["im_accuracy"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    exits = range(len(costs))
+    left.plot(exits, [100 * a for a in im_accuracy], "o-", label="exit on all test samples")
+    taken = [(l, 100 * a) for l, a in enumerate(metrics["exit_accuracy"]) if a is not None]
+    if taken:
+        left.plot(*zip(*taken), "s", label="samples that took the exit")
+    left.set_xlabel("exit")
+    left.set_ylabel("accuracy (%)")
+    left.legend(fontsize=8)
+    right.plot(exits, costs, "o-", color="tab:orange")
+    right.axhline(metrics["expected_cost"], linestyle="--", color="gray", label="expected cost (JEI)")
+    right.set_xlabel("exit")
+    right.set_ylabel("cumulative cost (fraction of full path)")
+    right.legend(fontsize=8)
+    _save(figure, path)

@@ -1,0 +1,93 @@
+"""The JEI-DNN bi-level objective (Regol, Chataoui, Coates, ICLR 2024, §4).
+
+Three losses, used by the trainer in this order: a warm-up of the IMs, then phases that
+alternate between the gates (phi, IMs fixed) and the IMs (theta, gates fixed).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from jei.exits import exit_probabilities, gate_targets, oracle_exit, per_exit_losses, positive_class_weights
+
+ImWeighting = Literal["paper", "uniform"]
+
+
+class JEIObjective:
+    """JEI-DNN losses.
+
+    Args:
+        cost_weight: lambda in CE_l + lambda * c_l; higher means earlier exits. >= 0.
+        im_weighting: ``"paper"`` weights each IM's cross-entropy by the exit probability
+            pi_l(x) (expected loss under the learned exit distribution); ``"uniform"`` is plain
+            mean cross-entropy over exits, what the authors' code effectively trains.
+        renormalize: with ``"paper"``, divide each sample's weighted loss by its detached
+            intermediate mass sum_{l<G} pi_l (no gradient flows through the factor).
+        pos_weight_cap: upper bound of the gates' positive-class weights.
+    """
+
+    trains_gates = True
+
+    def __init__(
+        self,
+        cost_weight: float = 0.1,
+        im_weighting: ImWeighting = "paper",
+        renormalize: bool = False,
+        pos_weight_cap: float = 5.0,
+    ) -> None:
+        if not cost_weight >= 0:  # also rejects NaN
+            raise ValueError(f"objective.cost_weight must be >= 0, got {cost_weight}")
+        if im_weighting not in ("paper", "uniform"):
+            raise ValueError(f"objective.im_weighting must be 'paper' or 'uniform', got {im_weighting!r}")
+        if not pos_weight_cap > 0:
+            raise ValueError(f"objective.pos_weight_cap must be > 0, got {pos_weight_cap}")
+        self.cost_weight = float(cost_weight)
+        self.im_weighting = im_weighting
+        self.renormalize = renormalize
+        self.pos_weight_cap = float(pos_weight_cap)
+        self.pos_weight: Tensor | None = None  # per gate; 1 until estimated on validation data
+
+    def warmup_loss(self, im_logits: Tensor, labels: Tensor, active: Tensor | None = None) -> Tensor:
+        """sum_l w_l CE(z_l, y) / sum_l w_l with w_l = G + 1 - l (earlier exits weigh more).
+
+        ``active`` ([G] bool) leaves out IMs whose early stopping has ended. Dividing by the
+        weights' sum keeps the learning rate's meaning independent of the number of exits.
+        """
+        num_gates = im_logits.shape[0]
+        weights = torch.arange(num_gates + 1, 1, -1, dtype=im_logits.dtype, device=im_logits.device)
+        if active is not None:
+            weights = weights * active.to(weights)
+        losses = per_exit_losses(im_logits, labels).mean(dim=0)  # [G]
+        return (weights * losses).sum() / weights.sum().clamp(min=1e-12)
+
+    def best_exits(self, exit_logits: Tensor, labels: Tensor, costs: Tensor) -> Tensor:
+        """l* per sample over all G+1 exits (the backbone head's cost is c_G = 1)."""
+        return oracle_exit(per_exit_losses(exit_logits.detach(), labels), costs, self.cost_weight)
+
+    def gate_loss(self, exit_logits: Tensor, gate_logits: Tensor, labels: Tensor, costs: Tensor) -> Tensor:
+        """Mean BCE between gate logits and the surrogate targets t_l = [l >= l*]."""
+        num_gates = gate_logits.shape[-1]
+        targets = gate_targets(self.best_exits(exit_logits, labels, costs), num_gates)
+        pos_weight = self.pos_weight if self.pos_weight is not None else torch.ones(num_gates)
+        return F.binary_cross_entropy_with_logits(gate_logits, targets, pos_weight=pos_weight.to(gate_logits))
+
+    def im_loss(self, im_logits: Tensor, gate_logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean over samples of sum_{l<G} pi_l(x) CE(z_l, y), gates fixed (or uniform)."""
+        losses = per_exit_losses(im_logits, labels)  # [B, G]
+        if self.im_weighting == "uniform":
+            return losses.mean()
+        weights = exit_probabilities(torch.sigmoid(gate_logits.detach()))[:, :-1]
+        per_sample = (weights * losses).sum(dim=-1)
+        if self.renormalize:
+            per_sample = per_sample / weights.sum(dim=-1).clamp(min=1e-6)
+        return per_sample.mean()
+
+    def update_from_validation(self, exit_logits: Tensor, labels: Tensor, costs: Tensor) -> None:
+        """Re-estimate the gates' positive-class weights from the validation split."""
+        num_gates = exit_logits.shape[0] - 1
+        best = self.best_exits(exit_logits, labels, costs)
+        self.pos_weight = positive_class_weights(best.cpu(), num_gates, self.pos_weight_cap)
