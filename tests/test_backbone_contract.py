@@ -46,6 +46,9 @@ CASES = [
     ),
     BackboneCase("cifar_resnet", {"depth": 8, "num_classes": 7, "exit_every": 1}, images(3, 16)),
     BackboneCase("cifar_resnet", {"depth": 8, "num_classes": 3, "exit_every": None, "exits": [2]}, images(3, 9)),
+    BackboneCase("timm", {"model_name": "test_vit", "num_classes": 4, "token": "mean"}, images(3, 32)),
+    BackboneCase("timm", {"model_name": "test_resnet", "num_classes": 4, "exits": [1, 3]}, images(3, 32)),
+    BackboneCase("t2t_vit", {"variant": "t2t_vit_7", "num_classes": 4, "img_size": 32}, images(3, 32)),
 ]
 IDS = [case.id for case in CASES]
 
