@@ -3,7 +3,7 @@
 - ``load_tu``: the TU collection (ENZYMES, PROTEINS, MUTAG, NCI1, IMDB-MULTI, ...), read from
   ``<root>/<dataset>/raw/``.
 - ``load_superpixels``: the GNN-benchmark MNIST / CIFAR10 superpixel graphs, read from
-  ``<root>/<name>/raw/<name>_v2.pt``.
+  ``<root>/<dataset>/raw/<dataset>_v2.pt``.
 
 Every graph gets random-walk positional encodings in the node attribute ``random_walk_pe``
 ([num_nodes, pe_dim]) from ``AddRandomWalkPE(walk_length=pe_dim)`` as a pre-transform, which is
@@ -123,7 +123,7 @@ def load_tu(
 
 
 def load_superpixels(
-    name: str = "MNIST",
+    dataset: str = "MNIST",
     root: str | Path = "data/superpixels",
     fractions: Sequence[float] = (0.6, 0.1, 0.1, 0.2),
     seed: int = 0,
@@ -133,28 +133,28 @@ def load_superpixels(
 ) -> GraphDataSplits:
     """GNN-benchmark superpixel graphs (Dwivedi et al., 2020) of MNIST or CIFAR10.
 
-    Reads ``<root>/<name>/raw/<name>_v2.pt`` (the file inside PyG's ``<name>_v2.zip``) and
+    Reads ``<root>/<dataset>/raw/<dataset>_v2.pt`` (the file inside PyG's ``<dataset>_v2.zip``) and
     never downloads. The benchmark's train, val and test graphs are pooled and re-split by
     ``fractions`` with the seeded rule every dataset uses, since a calibration split is needed
     too. Node features are the superpixel intensities followed by their 2-d positions.
     Processing happens in ``cache_dir`` (default ``~/.cache/jei/superpixels``).
     """
-    if name not in SUPERPIXEL_NAMES:
-        raise ValueError(f"data.name: superpixel dataset must be one of {', '.join(SUPERPIXEL_NAMES)}, got {name!r}")
-    source = Path(root).expanduser() / name / "raw"
-    if not (source / f"{name}_v2.pt").is_file():
+    if dataset not in SUPERPIXEL_NAMES:
+        raise ValueError(f"data.dataset: superpixel dataset must be one of {', '.join(SUPERPIXEL_NAMES)}, got {dataset!r}")
+    source = Path(root).expanduser() / dataset / "raw"
+    if not (source / f"{dataset}_v2.pt").is_file():
         raise FileNotFoundError(
-            f"data: superpixel dataset {name!r} needs {source / f'{name}_v2.pt'}. Unzip "
-            f"{name}_v2.zip from the benchmarking-gnns data (https://data.pyg.org/datasets/benchmarking-gnns/"
-            f"{name}_v2.zip) into {source}/ on a machine with internet; nothing is downloaded at run time"
+            f"data: superpixel dataset {dataset!r} needs {source / f'{dataset}_v2.pt'}. Unzip "
+            f"{dataset}_v2.zip from the benchmarking-gnns data (https://data.pyg.org/datasets/benchmarking-gnns/"
+            f"{dataset}_v2.zip) into {source}/ on a machine with internet; nothing is downloaded at run time"
         )
     _check_pe_dim(pe_dim)
     pre_transform = T.AddRandomWalkPE(walk_length=pe_dim)
 
     def open_at(cache_root: Path, split: str = "train") -> GNNBenchmarkDataset:
-        return GNNBenchmarkDataset(str(cache_root), name, split=split, pre_transform=pre_transform)
+        return GNNBenchmarkDataset(str(cache_root), dataset, split=split, pre_transform=pre_transform)
 
-    cache_root = _stage(source, _cache_root(cache_dir, "superpixels", pe_dim), name, open_at)
+    cache_root = _stage(source, _cache_root(cache_dir, "superpixels", pe_dim), dataset, open_at)
     benchmark = [open_at(cache_root, split) for split in ("train", "val", "test")]
     num_classes = max(int(part.y.max()) for part in benchmark) + 1
     pooled = torch.utils.data.ConcatDataset(benchmark)
