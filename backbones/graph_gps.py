@@ -34,7 +34,7 @@ class GraphState:
     edges are grouped by graph in graph order, as in a collated PyG ``Batch``.
     """
 
-    x: Tensor  # [num_nodes, hidden]
+    x: Tensor  # [num_nodes, in_channels + pe_dim] before segment 0, then [num_nodes, hidden]
     edge_index: Tensor  # [2, num_edges]
     edge_attr: Tensor | None  # [num_edges, edge_dim]
     batch: Tensor  # [num_nodes], graph of each node
@@ -44,7 +44,8 @@ class GraphState:
 class GraphGPS(FrozenBackbone):
     """GPS layers (local GIN/GINE message passing + global multi-head attention) with exits.
 
-    Node encoder: Linear(node features) + Linear(random-walk PE), summed. Exit i sits after
+    Node encoder: one Linear over [node features, random-walk PE], i.e. Linear(features) +
+    Linear(PE) summed; it runs in segment 0 so cost counting sees it. Exit i sits after
     layer ``exits[i]`` and sees the global mean pool of the node states ([num_graphs, hidden],
     kind "vector"). The backbone's own head: global mean pool + MLP after the last layer.
 
@@ -86,10 +87,10 @@ class GraphGPS(FrozenBackbone):
             list(range(1, layers)) if exits is None else list(exits), layers, "backbone.exits"
         )
         self.num_classes = num_classes
+        self.in_channels = in_channels
         self.pe_dim = pe_dim
         self.edge_dim = edge_dim
-        self.node_encoder = nn.Linear(in_channels, hidden)
-        self.pe_encoder = nn.Linear(pe_dim, hidden)
+        self.encoder = nn.Linear(in_channels + pe_dim, hidden)
         self.layers = nn.ModuleList(
             GPSConv(hidden, _local_conv(hidden, edge_dim), heads=heads, dropout=dropout, attn_kwargs={"dropout": dropout})
             for _ in range(layers)
@@ -106,27 +107,24 @@ class GraphGPS(FrozenBackbone):
             load_weights(self, weights)
 
     def begin(self, inputs: Batch) -> GraphState:
+        _check_width(inputs.x, self.in_channels, "node features (backbone.in_channels)",
+                     "set it to the dataset's num_node_features (null lets the pipeline fill it)")
         pe = getattr(inputs, PE_ATTR, None)
-        if pe is None or pe.shape[-1] != self.pe_dim:
-            found = "none" if pe is None else f"width {pe.shape[-1]}"
-            raise ValueError(
-                f"graph batch: expected random-walk PE '{PE_ATTR}' of width backbone.pe_dim={self.pe_dim}, "
-                f"found {found}; build the data with the same pe_dim (jei.data.graphs adds it)"
-            )
-        edge_attr = inputs.edge_attr if self.edge_dim is not None else None
-        if self.edge_dim is not None and (edge_attr is None or edge_attr.shape[-1] != self.edge_dim):
-            raise ValueError(
-                f"graph batch: backbone.edge_dim={self.edge_dim} but the batch has "
-                f"{'no edge features' if edge_attr is None else f'edge features of width {edge_attr.shape[-1]}'}; "
-                f"set backbone.edge_dim to the dataset's edge_dim (null when it has none)"
-            )
-        x = self.node_encoder(inputs.x.float()) + self.pe_encoder(pe.float())
-        state = GraphState(x, inputs.edge_index, None if edge_attr is None else edge_attr.float(),
-                           inputs.batch, inputs.num_graphs)
+        _check_width(pe, self.pe_dim, f"random-walk PE '{PE_ATTR}' (backbone.pe_dim)",
+                     "build the data with the same pe_dim (jei.data.graphs adds it)")
+        edge_attr = None
+        if self.edge_dim is not None:
+            edge_attr = inputs.edge_attr
+            _check_width(edge_attr, self.edge_dim, "edge features (backbone.edge_dim)",
+                         "set it to the dataset's edge_dim (null when it has none)")
+        x = torch.cat([inputs.x.float(), pe.float()], dim=-1)
+        state = GraphState(
+            x, inputs.edge_index, None if edge_attr is None else edge_attr.float(), inputs.batch, inputs.num_graphs
+        )
         return _group_edges_by_graph(state)
 
     def run_segment(self, index: int, state: GraphState) -> GraphState | Tensor:
-        x = state.x
+        x = self.encoder(state.x) if index == 0 else state.x
         if x.shape[0] > 0:  # GPSConv cannot run on a batch without nodes
             extra = {} if state.edge_attr is None else {"edge_attr": state.edge_attr}
             for layer in self.layers[self._bounds[index] : self._bounds[index + 1]]:
@@ -182,6 +180,12 @@ def _check_sizes(
         raise ValueError(f"backbone.edge_dim must be >= 1 or null (no edge features), got {edge_dim}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"backbone.dropout must be in [0, 1), got {dropout}")
+
+
+def _check_width(value: Tensor | None, expected: int, what: str, fix: str) -> None:
+    if value is None or value.shape[-1] != expected:
+        found = "none" if value is None else f"width {value.shape[-1]}"
+        raise ValueError(f"graph batch: {what} should have width {expected}, found {found}; {fix}")
 
 
 def _local_conv(hidden: int, edge_dim: int | None) -> nn.Module:

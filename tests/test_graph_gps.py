@@ -159,10 +159,12 @@ def _finish(model: GraphGPS, state: GraphState) -> torch.Tensor:
 
 def test_inputs_that_do_not_match_the_configuration_are_refused() -> None:
     model = build(edge_dim=2)
-    with pytest.raises(ValueError, match="backbone.edge_dim=2"):
+    with pytest.raises(ValueError, match=r"backbone.edge_dim\) should have width 2, found none"):
         model.begin(random_graphs([3], seed=0))
-    with pytest.raises(ValueError, match="backbone.pe_dim=4"):
+    with pytest.raises(ValueError, match=r"backbone.pe_dim\) should have width 4, found width 8"):
         model.begin(random_graphs([3], seed=0, pe_dim=8, edge_dim=2))
+    with pytest.raises(ValueError, match=r"backbone.in_channels\) should have width 5, found width 7"):
+        model.begin(random_graphs([3], seed=0, in_channels=7, edge_dim=2))
 
 
 @pytest.mark.parametrize(
