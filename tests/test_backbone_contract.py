@@ -6,6 +6,7 @@ kwargs (num_classes included, no weights) and a function making a batch of input
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,25 @@ def images(channels: int, size: int) -> Callable[[int, torch.Generator], Tensor]
     return lambda batch, gen: torch.randn(batch, channels, size, size, generator=gen)
 
 
+def graphs(in_channels: int, pe_dim: int, edge_dim: int | None) -> Callable[[int, torch.Generator], Any]:
+    """A PyG Batch of random graphs of 1..6 nodes, with the random-walk PE slot GraphGPS reads."""
+
+    def make(batch: int, gen: torch.Generator) -> Any:
+        from torch_geometric.data import Batch, Data
+
+        items = []
+        for _ in range(batch):
+            n = int(torch.randint(1, 7, (1,), generator=gen))
+            edges = {"edge_index": torch.randint(0, n, (2, 2 * n), generator=gen)}
+            if edge_dim is not None:
+                edges["edge_attr"] = torch.randn(2 * n, edge_dim, generator=gen)
+            pe = torch.rand(n, pe_dim, generator=gen)
+            items.append(Data(x=torch.randn(n, in_channels, generator=gen), random_walk_pe=pe, **edges))
+        return Batch.from_data_list(items)
+
+    return make
+
+
 CASES = [
     BackboneCase(
         "small_cnn",
@@ -50,6 +70,14 @@ CASES = [
     BackboneCase("timm", {"model_name": "test_resnet", "num_classes": 4, "exits": [1, 3]}, images(3, 32)),
     BackboneCase("t2t_vit", {"variant": "t2t_vit_7", "num_classes": 4, "img_size": 32}, images(3, 32)),
 ]
+if importlib.util.find_spec("torch_geometric") is not None:  # the optional [graph] extra
+    CASES.append(
+        BackboneCase(
+            "graph_gps",
+            {"num_classes": 3, "in_channels": 4, "hidden": 8, "layers": 3, "heads": 2, "pe_dim": 3, "edge_dim": 2},
+            graphs(4, 3, 2),
+        )
+    )
 IDS = [case.id for case in CASES]
 
 
