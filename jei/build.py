@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from jei.calibrate import ConformalSettings
 from jei.data.base import DataSplits
 from jei.model import EarlyExitNetwork
 from jei.pipeline import RunSettings
@@ -129,6 +130,7 @@ def build_settings(cfg: DictConfig) -> RunSettings:
         feature_cache_dir=cache_dir,
         data_fingerprint=data_fingerprint(cfg.data),
         eval_batch_size=int(trainer.eval_batch_size),
+        conformal=_settings(ConformalSettings, cfg.conformal, "conformal"),
     )
 
 

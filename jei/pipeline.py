@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from jei.calibrate import ConformalSettings, calibration_metrics, conformal_metrics
 from jei.cost import measure_exit_costs
 from jei.data.base import DataSplits
 from jei.evaluate import exit_metrics
 from jei.features import CachedSplit, cached_split, to_device
 from jei.io import atomic_write, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
-from jei.plots import plot_accuracy_cost, plot_exit_histogram
+from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability
 from jei.train import BackboneTraining, ExitTraining, backbone_accuracy, exit_outputs, fit_backbone, fit_exits
 from jei.types import Objective
 
@@ -42,6 +43,7 @@ class RunSettings:
     feature_cache_dir: Path | None  # None: compute features in memory for this run only
     data_fingerprint: str = ""
     eval_batch_size: int = 256
+    conformal: ConformalSettings = field(default_factory=ConformalSettings)
 
 
 def seed_everything(seed: int) -> None:
@@ -57,14 +59,14 @@ def save_state(module: torch.nn.Module, path: Path) -> None:
 
 @torch.no_grad()
 def early_exit_predictions(network: EarlyExitNetwork, data: DataSplits, split: str, batch_size: int, device: torch.device):
-    """Real early-exit inference over a split: predictions and exits, in split order."""
+    """Real early-exit inference over a split: logits at the exit taken, and the exits."""
     network.eval()
-    predictions, exits = [], []
+    logits, exits = [], []
     for inputs, _ in data.batches(split, batch_size):
         result = network.early_exit(to_device(inputs, device))
-        predictions.append(result.logits.argmax(-1).cpu())
+        logits.append(result.logits.float().cpu())
         exits.append(result.exit_index.cpu())
-    return torch.cat(predictions), torch.cat(exits)
+    return torch.cat(logits), torch.cat(exits)
 
 
 def run_experiment(
@@ -106,12 +108,23 @@ def run_experiment(
     network.eval()
     test_outputs = exit_outputs(network, splits["test"], device)
     cached_prediction = predict_from_outputs(test_outputs)
-    predictions, exits = early_exit_predictions(network, data, "test", settings.eval_batch_size, device)
+    test_logits, exits = early_exit_predictions(network, data, "test", settings.eval_batch_size, device)
+    predictions = test_logits.argmax(-1)
     labels = splits["test"].labels
     metrics = exit_metrics(exits, predictions, labels, costs.normalized, test_outputs.logits)
     metrics["early_exit_agreement"] = (
         (exits == cached_prediction.exit_index) & (predictions == cached_prediction.logits.argmax(-1))
     ).double().mean().item()
+    # Calibration split: disjoint from train/val, not augmented, scored with the final model.
+    cal_prediction = predict_from_outputs(exit_outputs(network, splits["cal"], device))
+    test_probs = torch.softmax(test_logits.double(), dim=-1)
+    metrics["conformal"] = conformal_metrics(
+        torch.softmax(cal_prediction.logits.double(), dim=-1), splits["cal"].labels, cal_prediction.exit_index,
+        test_probs, labels, exits, network.num_gates + 1, settings.conformal,
+    )
+    metrics["calibration"] = calibration_metrics(
+        test_probs, labels, torch.softmax(test_outputs.logits.double(), dim=-1), settings.conformal.n_bins
+    )
     metrics["exit_mul_adds"] = costs.mul_adds
     metrics["backbone_mul_adds"] = costs.backbone_mul_adds
     metrics["backbone_val_accuracy"] = backbone_accuracy(backbone, data, "val", settings.eval_batch_size, device)
@@ -121,6 +134,7 @@ def run_experiment(
     save_state(torch.nn.ModuleDict({"ims": network.ims, "gates": network.gates}), output_dir / "exits.safetensors")
     plot_exit_histogram(metrics, output_dir / "exit_histogram.png")
     plot_accuracy_cost(metrics, output_dir / "accuracy_cost.png")
+    plot_reliability(metrics["calibration"], output_dir / "reliability.png")
     write_json(output_dir / "metrics.json", metrics)
     log.info(
         "test accuracy %.4f at expected cost %.4f (backbone %.4f); exits %s",

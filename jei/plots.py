@@ -47,3 +47,21 @@ def plot_accuracy_cost(metrics: dict[str, Any], path: Path) -> None:
     right.set_ylabel("cumulative cost (fraction of full path)")
     right.legend(fontsize=8)
     _save(figure, path)
+
+
+def plot_reliability(calibration: dict[str, Any], path: Path) -> None:
+    """Reliability diagram of the gated predictions (equal-width bins)."""
+    diagram = calibration["reliability_gated"]
+    edges = diagram["bin_edges"]
+    centers = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    width = edges[1] - edges[0]
+    shown = [(c, a) for c, a in zip(centers, diagram["accuracy"]) if a is not None]
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    if shown:
+        axis.bar(*zip(*shown), width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
+    axis.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    axis.set_xlabel("confidence (max probability at the exit taken)")
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"ECE {100 * calibration['ece_gated_equal_width']:.2f}% ({len(centers)} equal-width bins)")
+    axis.legend(fontsize=8, loc="upper left")
+    _save(figure, path)
