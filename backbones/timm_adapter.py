@@ -26,6 +26,8 @@ from .base import FrozenBackbone, load_state_dict_strict
 from .weights import read_state_dict
 
 Step = tuple[str, Callable[[Any], Any]]
+# A candidate exit: (position of the step it follows, name, kind, channels, reduction).
+Candidate = tuple[int, str, str, int, int | None]
 
 # forward_features of each CNN family as its top-level modules in call order (timm 1.0.x).
 # A module holding feature_info taps (e.g. ``stages``, ``blocks``) is replayed child by child.
@@ -134,10 +136,6 @@ def _is_vit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-# A candidate exit: (position of the step it follows, name, kind, channels, reduction).
-Candidate = tuple[int, str, str, int, int | None]
-
-
 def _vit_layout(model: nn.Module) -> tuple[list[Step], list[Candidate]]:
     """VisionTransformer.forward_features as steps; one candidate exit per block but the last."""
     steps: list[Step] = [
@@ -157,10 +155,10 @@ def _vit_layout(model: nn.Module) -> tuple[list[Step], list[Candidate]]:
 
 def _cnn_layout(model: nn.Module, model_name: str) -> tuple[list[Step], list[Candidate]]:
     """forward_features of a CNN as steps; one candidate exit per feature_info tap but the last."""
-    family = next((name for name in _CNN_LAYOUTS if type(model).__name__ == name), None)
-    if family is None:
+    family = type(model).__name__
+    if family not in _CNN_LAYOUTS:
         raise ValueError(
-            f"backbone.model_name: {model_name} is a timm {type(model).__name__}; the timm adapter "
+            f"backbone.model_name: {model_name} is a timm {family}; the timm adapter "
             f"supports VisionTransformer (ViT, DeiT) and {', '.join(_CNN_LAYOUTS)} models. "
             f"Pick one of those, or register an adapter for this family in jei.registry.BACKBONES."
         )
@@ -175,8 +173,10 @@ def _cnn_layout(model: nn.Module, model_name: str) -> tuple[list[Step], list[Can
     positions = {name: position for position, (name, _) in enumerate(steps)}
     missing = [tap for tap in taps if tap not in positions]
     if missing:
-        raise ValueError(f"backbone.model_name: {model_name}'s feature_info taps {missing} are not in its "
-                         f"{family} layout; this timm version is not supported by the timm adapter")
+        raise ValueError(
+            f"backbone.model_name: {model_name}'s feature_info taps {missing} are not in its {family} "
+            f"layout; this timm version is not supported by the timm adapter"
+        )
     candidates = [
         (positions[info["module"]], info["module"], "map", info["num_chs"], info["reduction"])
         for info in model.feature_info[:-1]
