@@ -91,8 +91,9 @@ class GraphGPS(FrozenBackbone):
         self.pe_dim = pe_dim
         self.edge_dim = edge_dim
         self.encoder = nn.Linear(in_channels + pe_dim, hidden)
+        attention = {"dropout": dropout}
         self.layers = nn.ModuleList(
-            GPSConv(hidden, _local_conv(hidden, edge_dim), heads=heads, dropout=dropout, attn_kwargs={"dropout": dropout})
+            GPSConv(hidden, _local_conv(hidden, edge_dim), heads=heads, dropout=dropout, attn_kwargs=attention)
             for _ in range(layers)
         )
         self.head = nn.Sequential(
@@ -149,11 +150,12 @@ class GraphGPS(FrozenBackbone):
         edges = _concat_ranges(edge_start[keep], kept_edges)
         # Each kept graph's nodes move from node_start[g] to their new start.
         shift = torch.repeat_interleave(_starts(kept_nodes) - node_start[keep], kept_edges, output_size=len(edges))
+        new_graph = torch.arange(len(keep), device=keep.device)
         return GraphState(
             x=state.x[nodes],
             edge_index=state.edge_index[:, edges] + shift,
             edge_attr=None if state.edge_attr is None else state.edge_attr[edges],
-            batch=torch.repeat_interleave(torch.arange(len(keep), device=keep.device), kept_nodes, output_size=len(nodes)),
+            batch=torch.repeat_interleave(new_graph, kept_nodes, output_size=len(nodes)),
             num_graphs=len(keep),
         )
 

@@ -146,8 +146,9 @@ def test_superpixels_load_from_a_local_raw_file(tmp_path: Path) -> None:
 
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    torch.save([[graph(i % 10) for i in range(30)], [graph(i) for i in range(10)], [graph(i) for i in range(10)]], raw / "MNIST_v2.pt")
-    data = DATASETS.build("superpixels", dataset="MNIST", root=str(tmp_path), pe_dim=4, cache_dir=str(tmp_path / "cache"))
+    benchmark = [[graph(i % 10) for i in range(30)], [graph(i) for i in range(10)], [graph(i) for i in range(10)]]
+    torch.save(benchmark, raw / "MNIST_v2.pt")
+    data = DATASETS.build("superpixels", dataset="MNIST", root=str(tmp_path), pe_dim=4, cache_dir=tmp_path / "cache")
     assert [data.size(split) for split in SPLITS] == [30, 5, 5, 10]
     assert (data.num_classes, data.num_node_features, data.edge_dim) == (10, 3, 1)
     sample = data.splits["train"][0]

@@ -29,7 +29,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def random_graphs(sizes: list[int], seed: int, in_channels: int = 5, pe_dim: int = 4, edge_dim: int | None = None) -> Batch:
+def random_graphs(
+    sizes: list[int], seed: int, in_channels: int = 5, pe_dim: int = 4, edge_dim: int | None = None
+) -> Batch:
     """A batch of random undirected graphs with the given node counts (0 allowed)."""
     gen = torch.Generator().manual_seed(seed)
     graphs = []

@@ -140,7 +140,9 @@ def load_superpixels(
     Processing happens in ``cache_dir`` (default ``~/.cache/jei/superpixels``).
     """
     if dataset not in SUPERPIXEL_NAMES:
-        raise ValueError(f"data.dataset: superpixel dataset must be one of {', '.join(SUPERPIXEL_NAMES)}, got {dataset!r}")
+        raise ValueError(
+            f"data.dataset: superpixel dataset must be one of {', '.join(SUPERPIXEL_NAMES)}, got {dataset!r}"
+        )
     source = Path(root).expanduser() / dataset / "raw"
     if not (source / f"{dataset}_v2.pt").is_file():
         raise FileNotFoundError(
