@@ -57,8 +57,10 @@ def data_input_channels(data: DataSplits) -> int | None:
 
 
 def backbone_has_weights(node: Any) -> bool:
+    """Whether the backbone arrives trained for this task (a new head must still be trained)."""
     plain = to_plain(node) or {}
-    return bool(plain.get("weights")) or bool(plain.get("pretrained"))
+    loaded = bool(plain.get("weights")) or bool(plain.get("pretrained"))
+    return loaded and not plain.get("reset_head", False)
 
 
 def build_backbone(node: Any, data: DataSplits) -> torch.nn.Module:

@@ -15,9 +15,18 @@ R = TypeVar("R")
 
 
 def _count(fn: Callable[[], R]) -> tuple[R, int]:
-    """Run ``fn`` and return its result with the mul-adds it performed (FLOPs / 2)."""
-    with FlopCounterMode(display=False) as counter:
-        result = fn()
+    """Run ``fn`` and return its result with the mul-adds it performed (FLOPs / 2).
+
+    nn.MultiheadAttention's fused inference path hides its matmuls from the counter, so it
+    is switched off while counting (attention is real work: METHOD §4).
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            result = fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return result, counter.get_total_flops() // 2
 
 

@@ -6,7 +6,12 @@ import os
 import sys
 
 import pytest
+import torch
 from hypothesis import settings
+
+# Tests use tiny tensors, where a second thread costs more than it gives (and contends badly
+# on shared machines).
+torch.set_num_threads(1)
 
 # Hypothesis loads its built-in "ci" profile by itself when CI is set; locally, keep runs short.
 settings.register_profile("dev", max_examples=50, deadline=None)

@@ -1,0 +1,81 @@
+"""`jei-train` end to end in a subprocess (tiny settings), its outputs and its input checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+QUICK = [
+    "data.max_per_split=80",
+    "trainer.backbone.epochs=2",
+    "trainer.exits.warmup_epochs=2",
+    "trainer.exits.epochs=2",
+    "trainer.feature_cache=false",
+]
+
+
+def jei_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("jei-train")
+    return subprocess.run(
+        [str(script), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={"HYDRA_FULL_ERROR": "0", "PATH": "/usr/bin:/bin", "HOME": str(cwd)},
+    )
+
+
+@pytest.mark.slow
+def test_main_job_writes_metrics_exits_and_plots(tmp_path):
+    run_dir = tmp_path / "run"
+    result = jei_train(*QUICK, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("accuracy", "expected_cost", "backbone_accuracy", "exit_fractions", "exit_accuracy", "exit_costs",
+                "config", "conformal", "calibration"):
+        assert key in metrics
+    num_exits = 4  # three IMs and the backbone head
+    assert len(metrics["exit_fractions"]) == len(metrics["exit_costs"]) == num_exits
+    assert abs(sum(metrics["exit_fractions"]) - 1) < 1e-9
+    assert metrics["exit_costs"][-1] == 1.0 and metrics["exit_costs"] == sorted(metrics["exit_costs"])
+    assert metrics["early_exit_agreement"] == 1.0
+    assert metrics["config"]["objective"]["cost_weight"] == 0.1
+    assert [r["alpha"] for r in metrics["conformal"]["results"]] == [0.05, 0.1]
+    exits = load_file(str(run_dir / "exits.safetensors"))
+    assert {key.split(".")[0] for key in exits} == {"ims", "gates"}
+    for png in ("exit_histogram.png", "accuracy_cost.png", "reliability.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_cost_weight(tmp_path):
+    result = jei_train("-m", *QUICK, "objective.cost_weight=0.0,5.0", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [json.loads((tmp_path / "sweep" / str(job) / "metrics.json").read_text()) for job in (0, 1)]
+    assert [run["config"]["objective"]["cost_weight"] for run in runs] == [0.0, 5.0]
+    assert runs[1]["expected_cost"] <= runs[0]["expected_cost"]  # a larger cost weight never exits later
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("objective.cost_weight=-1", "objective.cost_weight must be >= 0"),
+        ("backbone=cifar_resnet_typo", "backbone"),
+        ("backbone.exits=[1,2,9]", "backbone.exits: exit position 9 is outside 1..3"),
+        ("data.max_per_split=0", "data.max_per_split must be >= 1"),
+        ("data.fractions=[0.9,0.0,0.05,0.05]", "the 'val' split is empty"),
+        ("backbone.weights=/nonexistent/weights.safetensors", "backbone.weights: no file at /nonexistent"),
+        ("conformal.alphas=[1.5]", "conformal.alphas: 1.5 is outside (0, 1)"),
+        ("trainer.exits.batch_size=0", "trainer.exits.batch_size must be >= 1"),
+        ("+trainer.exits.bogus=1", "trainer.exits: unknown key(s) bogus"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    result = jei_train(override, f"hydra.run.dir={run_dir}", "trainer.feature_cache=false", cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    produced = {p.name for p in run_dir.glob("*")} if run_dir.exists() else set()
+    assert produced <= {".hydra", "cli.log"}  # Hydra's own record of the call, no results
