@@ -138,3 +138,27 @@ def build_settings(cfg: DictConfig) -> RunSettings:
 
 def build_objective(node: Any) -> Any:
     return build_component(OBJECTIVES, node, "objective")
+
+
+def load_run(run_dir: str | Path) -> tuple[DictConfig, DataSplits, EarlyExitNetwork]:
+    """Rebuild a finished run's data and trained network from its directory (config, backbone
+    weights if it trained them, and ``exits.safetensors``)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / ".hydra" / "config.yaml"
+    exits_file = run_dir / "exits.safetensors"
+    for needed in (config_file, exits_file):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} is missing: is {run_dir} the directory of a finished jei-train run?")
+    cfg = OmegaConf.load(config_file)
+    trained_backbone = run_dir / "backbone.safetensors"
+    if trained_backbone.is_file():
+        cfg.backbone.weights = str(trained_backbone)
+    data = build_data(cfg.data)
+    backbone = build_backbone(cfg.backbone, data).freeze()
+    network = network_factory(cfg.im, cfg.gate, data.num_classes)(backbone)
+    state = load_file(str(exits_file))
+    network.ims.load_state_dict({k.removeprefix("ims."): v for k, v in state.items() if k.startswith("ims.")})
+    network.gates.load_state_dict({k.removeprefix("gates."): v for k, v in state.items() if k.startswith("gates.")})
+    return cfg, data, network.eval()
