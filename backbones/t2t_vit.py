@@ -25,8 +25,7 @@ from torch import Tensor, nn
 from jei.types import ExitSpec
 
 from .base import FrozenBackbone, check_exit_positions
-from .timm_adapter import load_keeping_head
-from .weights import read_state_dict
+from .weights import load_keeping_head, read_state_dict
 
 
 @dataclass(frozen=True)

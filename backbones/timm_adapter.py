@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from jei.types import ExitSpec
 
-from .base import FrozenBackbone, load_state_dict_strict
-from .weights import read_state_dict
+from .base import FrozenBackbone
+from .weights import load_keeping_head, read_state_dict
 
 Step = tuple[str, Callable[[Any], Any]]
 # A candidate exit: (position of the step it follows, name, kind, channels, reduction).
@@ -257,39 +257,6 @@ def _offline_message(model_name: str, reason: str) -> str:
         f"from https://huggingface.co/timm/{model_name}) and pass backbone.weights=<file> with "
         f"backbone.pretrained=false, or fill the Hugging Face cache and set HF_HUB_OFFLINE=1."
     )
-
-
-def load_keeping_head(
-    module: nn.Module,
-    state: dict[str, Tensor],
-    source: str,
-    head_prefixes: Sequence[str],
-    num_classes: int,
-    reset_head: bool,
-) -> None:
-    """Load ``state`` strictly; with ``reset_head`` the module keeps its own (new) head.
-
-    ``head_prefixes`` name the classifier modules (e.g. ``("head",)``, ``("head", "head_dist")``).
-    Without ``reset_head``, a head of another class count is an error that names the fix.
-    """
-    def in_head(key: str) -> bool:
-        return any(key.startswith(f"{prefix}.") for prefix in head_prefixes)
-
-    own = module.state_dict()
-    head = [key for key in own if in_head(key)]
-    if reset_head:
-        state = {key: value for key, value in state.items() if not in_head(key)}
-        state.update({key: own[key] for key in head})
-    else:
-        mismatched = [key for key in head if key in state and state[key].shape != own[key].shape]
-        if mismatched:
-            key = mismatched[0]
-            raise ValueError(
-                f"backbone.weights: {source} has a head of shape {tuple(state[key].shape)} ({key}), the "
-                f"model needs {tuple(own[key].shape)} for {num_classes} classes; set "
-                f"backbone.reset_head=true to train a new head"
-            )
-    load_state_dict_strict(module, state, source)
 
 
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:

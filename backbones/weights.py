@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -36,3 +37,36 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 def load_weights(module: nn.Module, path: str | Path) -> None:
     load_state_dict_strict(module, read_state_dict(path), str(path))
+
+
+def load_keeping_head(
+    module: nn.Module,
+    state: dict[str, Tensor],
+    source: str,
+    head_prefixes: Sequence[str],
+    num_classes: int,
+    reset_head: bool,
+) -> None:
+    """Load ``state`` strictly; with ``reset_head`` the module keeps its own (new) head.
+
+    ``head_prefixes`` name the classifier modules (e.g. ``("head",)``, ``("head", "head_dist")``).
+    Without ``reset_head``, a head of another class count is an error that names the fix.
+    """
+    def in_head(key: str) -> bool:
+        return any(key.startswith(f"{prefix}.") for prefix in head_prefixes)
+
+    own = module.state_dict()
+    head = [key for key in own if in_head(key)]
+    if reset_head:
+        state = {key: value for key, value in state.items() if not in_head(key)}
+        state.update({key: own[key] for key in head})
+    else:
+        mismatched = [key for key in head if key in state and state[key].shape != own[key].shape]
+        if mismatched:
+            key = mismatched[0]
+            raise ValueError(
+                f"backbone.weights: {source} has a head of shape {tuple(state[key].shape)} ({key}), the "
+                f"model needs {tuple(own[key].shape)} for {num_classes} classes; set "
+                f"backbone.reset_head=true to train a new head"
+            )
+    load_state_dict_strict(module, state, source)

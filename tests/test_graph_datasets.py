@@ -19,15 +19,6 @@ TU_ROOT = Path("/work/shared/data/TUDataset")
 needs_tu = pytest.mark.skipif(not TU_ROOT.is_dir(), reason="the offline TU files are not on this machine")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Per-graph pre-processing of tiny graphs: intra-op threads only add hand-off cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tu-cache")

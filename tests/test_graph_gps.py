@@ -20,15 +20,6 @@ TU_ROOT = "/work/shared/data/TUDataset"
 SMALL = {"num_classes": 3, "in_channels": 5, "hidden": 16, "layers": 3, "heads": 2, "pe_dim": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny graphs: intra-op threads only add hand-off cost (20x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_graphs(
     sizes: list[int], seed: int, in_channels: int = 5, pe_dim: int = 4, edge_dim: int | None = None
 ) -> Batch:

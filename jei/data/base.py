@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 SPLITS = ("train", "val", "cal", "test")
+
+T = TypeVar("T")
 
 
 class DataSplits(ABC):
@@ -61,20 +63,15 @@ class TensorDataSplits(DataSplits):
         self.in_channels = int(splits["train"].inputs.shape[1]) if splits["train"].inputs.dim() > 1 else None
 
     def size(self, split: str) -> int:
-        return len(self._split(split).labels)
+        return len(pick_split(self.splits, split).labels)
 
     def labels(self, split: str) -> Tensor:
-        return self._split(split).labels
-
-    def _split(self, split: str) -> TensorSplit:
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        return self.splits[split]
+        return pick_split(self.splits, split).labels
 
     def batches(
         self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, augment: bool = False
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        data = self._split(split)
+        data = pick_split(self.splits, split)
         n = len(data.labels)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
@@ -83,6 +80,13 @@ class TensorDataSplits(DataSplits):
             if augment and self.augment_fn is not None:
                 inputs = self.augment_fn(inputs)
             yield inputs, data.labels[index]
+
+
+def pick_split(per_split: Mapping[str, T], split: str) -> T:
+    """``per_split[split]``, or an error naming the splits when ``split`` is not one of them."""
+    if split not in per_split:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return per_split[split]
 
 
 def split_indices(

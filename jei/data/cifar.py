@@ -1,7 +1,9 @@
 """CIFAR-10 from local python-pickle batch files (no torchvision, never a download).
 
 Reads either the official ``cifar-10-batches-py/`` folder or the pixel- and label-exact
-``cifar-10-repacked-py/`` substitute in shared/data (same layout; see its README).
+``cifar-10-repacked-py/`` substitute in shared/data (same layout; see its README). Also holds
+what the other 32x32 image sets (``images.py``) share with it: normalisation, the crop-and-flip
+augmentation, the safe unpickler and the assembly of in-memory splits.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import TensorDataSplits, TensorSplit, split_indices
+from .base import SPLITS, TensorDataSplits, TensorSplit, split_indices
 
 FOLDERS = ("cifar-10-batches-py", "cifar-10-repacked-py")
 TRAIN_FILES = tuple(f"data_batch_{k}" for k in range(1, 6))
@@ -26,6 +28,8 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+
+Arrays = tuple[np.ndarray, np.ndarray]  # pixels [N, 3, 32, 32] uint8, labels [N] int64
 
 
 def load_cifar10(
@@ -46,29 +50,57 @@ def load_cifar10(
         max_per_split: caps every split, test included (its first images), for quick runs.
         normalize: ``"imagenet"``, ``"cifar10"`` (per-channel mean/std) or ``"none"`` ([0, 1]).
     """
+    folder = _find_folder(Path(root).expanduser())
+    train, test = _read_batches(folder, TRAIN_FILES), _read_batches(folder, (TEST_FILE,))
+    test_index = torch.arange(len(test[1]))[:max_per_split]
+    return in_memory_splits(train, test, test_index, fractions, seed, max_per_split, normalize, 10, augment=True)
+
+
+def in_memory_splits(
+    train: Arrays,
+    test: Arrays,
+    test_index: Tensor,
+    fractions: Sequence[float],
+    seed: int,
+    max_per_split: int | None,
+    normalize: str,
+    num_classes: int,
+    augment: bool,
+) -> TensorDataSplits:
+    """Seeded train / val / cal splits of ``train`` by ``fractions``; the ``test_index`` rows of
+    ``test`` are the test split. Images become normalised float32; ``augment`` adds
+    ``RandomCropFlip`` for training batches."""
+    check_fractions(fractions)
+    mean, std = normalization(normalize)
+
+    def to_split(arrays: Arrays, index: Tensor) -> TensorSplit:
+        # Only the chosen rows become float32: a whole training set would be 600 MB.
+        pixels, labels = arrays[0][index.numpy()], arrays[1][index.numpy()]
+        images = torch.from_numpy(pixels).float().div_(255).sub_(mean).div_(std)
+        return TensorSplit(images, torch.from_numpy(labels))
+
+    parts = split_indices(len(train[1]), fractions, seed, max_per_split)
+    splits = {name: to_split(train, index) for name, index in zip(SPLITS, parts)}
+    splits["test"] = to_split(test, test_index)
+    # Padding with black pixels (zero before normalisation), as torchvision's RandomCrop does.
+    augment_fn = RandomCropFlip(padding=4, fill=(-mean / std).flatten()) if augment else None
+    return TensorDataSplits(splits, num_classes=num_classes, augment_fn=augment_fn)
+
+
+def check_fractions(fractions: Sequence[float]) -> None:
     if len(fractions) != 3:
         raise ValueError(
-            f"data.fractions must hold 3 fractions (train, val, cal) of the 50,000 training images; "
-            f"the official test set is the test split. Got {list(fractions)}"
+            f"data.fractions must hold 3 fractions (train, val, cal) of the training images; the "
+            f"official test images are the test split. Got {list(fractions)}"
         )
+
+
+def normalization(normalize: str) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of ``NORMALIZATIONS[normalize]``, shaped [3, 1, 1]."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
-    folder = _find_folder(Path(root).expanduser())
-    train_pixels, train_labels = _read_batches(folder, TRAIN_FILES)
-    test_pixels, test_labels = _read_batches(folder, (TEST_FILE,))
-
-    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in NORMALIZATIONS[normalize])
-
-    def to_split(pixels: np.ndarray, labels: np.ndarray, index: Tensor) -> TensorSplit:
-        # Only the chosen rows become float: the whole train set would be 600 MB.
-        images = torch.from_numpy(pixels[index.numpy()]).view(-1, 3, 32, 32).float().div_(255)
-        return TensorSplit(images.sub_(mean).div_(std), torch.from_numpy(labels[index.numpy()]))
-
-    parts = split_indices(len(train_labels), fractions, seed, max_per_split)
-    splits = {name: to_split(train_pixels, train_labels, index) for name, index in zip(("train", "val", "cal"), parts)}
-    splits["test"] = to_split(test_pixels, test_labels, torch.arange(len(test_labels))[:max_per_split])
-    # Padding with black pixels (zero before normalisation), as torchvision's RandomCrop does.
-    return TensorDataSplits(splits, num_classes=10, augment_fn=RandomCropFlip(padding=4, fill=(-mean / std).flatten()))
+    mean, std = NORMALIZATIONS[normalize]
+    return torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
 
 
 class RandomCropFlip:
@@ -112,8 +144,8 @@ def _find_folder(root: Path) -> Path:
     )
 
 
-def _read_batches(folder: Path, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels [N, 3072] uint8 (R, G, B planes of 32x32) and labels [N] int64 of the named files."""
+def _read_batches(folder: Path, names: Sequence[str]) -> Arrays:
+    """Pixels [N, 3, 32, 32] uint8 and labels [N] int64 of the named files."""
     expected = _manifest_sizes(folder)
     pixels, labels = [], []
     for name in names:
@@ -130,10 +162,10 @@ def _read_batches(folder: Path, names: Sequence[str]) -> tuple[np.ndarray, np.nd
             )
         with path.open("rb") as handle:
             try:
-                batch = _BatchUnpickler(handle, encoding="latin1").load()  # Python 2 pickles
+                batch = BatchUnpickler(handle, encoding="latin1").load()  # Python 2 pickles
             except (pickle.UnpicklingError, EOFError) as err:
                 raise ValueError(f"data.root: {path} is not a complete CIFAR-10 python-pickle batch ({err})") from err
-        pixels.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32))
+        pixels.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # R, G, B planes
         labels.append(np.asarray(batch["labels"], dtype=np.int64))
     return np.concatenate(pixels), np.concatenate(labels)
 
@@ -147,7 +179,7 @@ def _manifest_sizes(folder: Path) -> dict[str, int]:
     return {name: entry["bytes"] for name, entry in files.items() if "bytes" in entry}
 
 
-class _BatchUnpickler(pickle.Unpickler):
+class BatchUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and plain containers only, so a batch file cannot run code."""
 
     # What numpy arrays pickle to (numpy 1 and 2 module names; protocols 2 to 5).

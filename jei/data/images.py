@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import SPLITS, DataSplits, TensorDataSplits, TensorSplit, split_indices
-from .cifar import NORMALIZATIONS, RandomCropFlip, _BatchUnpickler
+from .base import SPLITS, DataSplits, TensorDataSplits, pick_split, split_indices
+from .cifar import Arrays, BatchUnpickler, check_fractions, in_memory_splits, normalization
 
 CIFAR100_FOLDER = "cifar-100-python"
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
@@ -42,7 +42,8 @@ def load_cifar100(
         normalize: ``"imagenet"``, ``"cifar10"`` (per-channel mean/std) or ``"none"`` ([0, 1]).
     """
     train, test = _read_cifar100(Path(root).expanduser())
-    return _in_memory_splits(train, test, fractions, seed, max_per_split, normalize, 100, augment=True)
+    test_index = _test_subset(len(test[1]), seed, max_per_split)
+    return in_memory_splits(train, test, test_index, fractions, seed, max_per_split, normalize, 100, augment=True)
 
 
 def load_cifar100_lt(
@@ -67,7 +68,8 @@ def load_cifar100_lt(
     (pixels, labels), test = _read_cifar100(Path(root).expanduser())
     keep = long_tail_indices(labels, 100, imbalance_factor, seed)
     train = (pixels[keep], labels[keep])
-    return _in_memory_splits(train, test, fractions, seed, max_per_split, normalize, 100, augment=True)
+    test_index = _test_subset(len(test[1]), seed, max_per_split)
+    return in_memory_splits(train, test, test_index, fractions, seed, max_per_split, normalize, 100, augment=True)
 
 
 def load_svhn(
@@ -85,7 +87,8 @@ def load_svhn(
     """
     folder = Path(root).expanduser()
     train, test = _read_svhn(folder, "train"), _read_svhn(folder, "test")
-    return _in_memory_splits(train, test, fractions, seed, max_per_split, normalize, 10, augment=False)
+    test_index = _test_subset(len(test[1]), seed, max_per_split)
+    return in_memory_splits(train, test, test_index, fractions, seed, max_per_split, normalize, 10, augment=False)
 
 
 def load_imagenet(
@@ -112,7 +115,7 @@ def load_imagenet(
     """
     if not 0 < crop_pct <= 1:
         raise ValueError(f"data.crop_pct must be in (0, 1], got {crop_pct}")
-    _check_fractions(fractions)
+    check_fractions(fractions)
     folder = Path(root).expanduser()
     classes = _class_folders(folder / "train")
     train_files, train_labels = _list_images(folder / "train", classes)
@@ -144,7 +147,7 @@ class ImageFolderSplits(DataSplits):
         normalize: str = "imagenet",
         num_workers: int = 4,
     ) -> None:
-        mean, std = _normalization(normalize)
+        mean, std = normalization(normalize)
         self.files, self._labels = files, labels
         self.num_classes = num_classes
         self.img_size, self.resize_size = img_size, resize_size
@@ -153,20 +156,15 @@ class ImageFolderSplits(DataSplits):
         self.check()
 
     def size(self, split: str) -> int:
-        return len(self._split_labels(split))
+        return len(pick_split(self._labels, split))
 
     def labels(self, split: str) -> Tensor:
-        return self._split_labels(split)
-
-    def _split_labels(self, split: str) -> Tensor:
-        if split not in self._labels:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        return self._labels[split]
+        return pick_split(self._labels, split)
 
     def batches(
         self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, augment: bool = False
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        labels, files = self._split_labels(split), self.files[split]
+        labels, files = pick_split(self._labels, split), self.files[split]
         n = len(labels)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
         with ThreadPoolExecutor(self.num_workers) as pool:
@@ -211,36 +209,7 @@ def long_tail_indices(labels: np.ndarray, num_classes: int, imbalance_factor: fl
     return np.sort(np.concatenate(chosen))
 
 
-# --- in-memory datasets ----------------------------------------------------------------------
-
-Arrays = tuple[np.ndarray, np.ndarray]  # pixels [N, 3, 32, 32] uint8, labels [N] int64
-
-
-def _in_memory_splits(
-    train: Arrays,
-    test: Arrays,
-    fractions: Sequence[float],
-    seed: int,
-    max_per_split: int | None,
-    normalize: str,
-    num_classes: int,
-    augment: bool,
-) -> TensorDataSplits:
-    _check_fractions(fractions)
-    mean, std = _normalization(normalize)
-
-    def to_split(arrays: Arrays, index: Tensor) -> TensorSplit:
-        # Only the chosen rows become float32.
-        pixels, labels = arrays[0][index.numpy()], arrays[1][index.numpy()]
-        images = torch.from_numpy(pixels).float().div_(255).sub_(mean).div_(std)
-        return TensorSplit(images, torch.from_numpy(labels))
-
-    parts = split_indices(len(train[1]), fractions, seed, max_per_split)
-    splits = {name: to_split(train, index) for name, index in zip(SPLITS, parts)}
-    splits["test"] = to_split(test, _test_subset(len(test[1]), seed, max_per_split))
-    # Padding in black (0 before normalisation), as torchvision's RandomCrop does.
-    augment_fn = RandomCropFlip(padding=4, fill=(-mean / std).flatten()) if augment else None
-    return TensorDataSplits(splits, num_classes=num_classes, augment_fn=augment_fn)
+# --- readers of the in-memory datasets -------------------------------------------------------
 
 
 def _read_cifar100(root: Path) -> tuple[Arrays, Arrays]:
@@ -262,7 +231,7 @@ def _read_cifar100_file(path: Path) -> Arrays:
             f"{path.parent}. Nothing is downloaded."
         )
     with path.open("rb") as handle:
-        batch = _BatchUnpickler(handle, encoding="latin1").load()
+        batch = BatchUnpickler(handle, encoding="latin1").load()
     pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return pixels, np.asarray(batch["fine_labels"], dtype=np.int64)
 
@@ -286,21 +255,6 @@ def _read_svhn(folder: Path, split: str) -> Arrays:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def _check_fractions(fractions: Sequence[float]) -> None:
-    if len(fractions) != 3:
-        raise ValueError(
-            f"data.fractions must hold 3 fractions (train, val, cal) of the training images; the "
-            f"official test images are the test split. Got {list(fractions)}"
-        )
-
-
-def _normalization(normalize: str) -> tuple[Tensor, Tensor]:
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
-    mean, std = NORMALIZATIONS[normalize]
-    return torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
 
 
 def _test_subset(n: int, seed: int, max_per_split: int | None) -> Tensor:
