@@ -35,6 +35,10 @@ class CachedSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def for_epoch(self, epoch: int) -> CachedSplit:
+        """The same features every epoch (see ``AugmentedFeatures`` for the other case)."""
+        return self
+
     def batch(self, index: Tensor, device: torch.device) -> tuple[list[Tensor], Tensor, Tensor]:
         return (
             [p[index].to(device) for p in self.pooled],
@@ -50,18 +54,45 @@ def to_device(inputs: object, device: torch.device) -> object:
 
 @torch.no_grad()
 def compute_split(
-    network: EarlyExitNetwork, data: DataSplits, split: str, batch_size: int, device: torch.device
+    network: EarlyExitNetwork,
+    data: DataSplits,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    augment: bool = False,
+    seed: int = 0,
 ) -> CachedSplit:
+    """Pooled features of a whole split; with ``augment``, of one augmented pass over it."""
     pooled: list[list[Tensor]] = [[] for _ in range(network.num_gates)]
     logits, labels = [], []
     total = (data.size(split) + batch_size - 1) // batch_size
-    for inputs, y in tqdm(data.batches(split, batch_size), total=total, desc=f"features[{split}]", leave=False):
+    if augment:
+        torch.manual_seed(seed)  # augmentations draw from the global generator
+    batches = data.batches(split, batch_size, augment=augment)
+    for inputs, y in tqdm(batches, total=total, desc=f"features[{split}]", leave=False):
         features, final = network.pooled_features(to_device(inputs, device))
         for store, feature in zip(pooled, features):
             store.append(feature.float().cpu())
         logits.append(final.float().cpu())
         labels.append(y.cpu())
     return CachedSplit([torch.cat(p) for p in pooled], torch.cat(logits), torch.cat(labels))
+
+
+class AugmentedFeatures:
+    """Training features drawn anew each epoch from an augmented pass (no cache possible)."""
+
+    def __init__(
+        self, network: EarlyExitNetwork, data: DataSplits, batch_size: int, device: torch.device, seed: int
+    ) -> None:
+        self.network, self.data, self.batch_size, self.device, self.seed = network, data, batch_size, device, seed
+
+    def __len__(self) -> int:
+        return self.data.size("train")
+
+    def for_epoch(self, epoch: int) -> CachedSplit:
+        return compute_split(
+            self.network, self.data, "train", self.batch_size, self.device, augment=True, seed=self.seed + epoch
+        )
 
 
 def cache_key(network: EarlyExitNetwork, data: DataSplits, split: str, fingerprint: str) -> str:

@@ -23,7 +23,7 @@ from jei.calibrate import ConformalSettings, calibration_metrics, conformal_metr
 from jei.cost import measure_exit_costs
 from jei.data.base import DataSplits
 from jei.evaluate import exit_metrics
-from jei.features import CachedSplit, cached_split, to_device
+from jei.features import AugmentedFeatures, CachedSplit, cached_split, to_device
 from jei.io import atomic_write, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
 from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability
@@ -98,10 +98,18 @@ def run_experiment(
         split: cached_split(
             network, data, split, settings.eval_batch_size, device, settings.feature_cache_dir, settings.data_fingerprint
         )
-        for split in ("train", "val", "cal", "test")
+        for split in ("val", "cal", "test")
     }
+    train_features = (
+        AugmentedFeatures(network, data, settings.eval_batch_size, device, settings.seed)
+        if settings.exit_training.augment  # a fresh augmented pass per epoch instead of the cache
+        else cached_split(
+            network, data, "train", settings.eval_batch_size, device, settings.feature_cache_dir,
+            settings.data_fingerprint,
+        )
+    )
     history["exits"] = fit_exits(
-        network, objective, splits["train"], splits["val"], costs.normalized.float(), settings.exit_training,
+        network, objective, train_features, splits["val"], costs.normalized.float(), settings.exit_training,
         device, settings.seed,
     )
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from jei.data.base import DataSplits
-from jei.features import CachedSplit, to_device
+from jei.features import AugmentedFeatures, CachedSplit, to_device
 from jei.model import EarlyExitNetwork
 from jei.types import ExitOutputs, Objective
 
@@ -72,6 +72,7 @@ class ExitTraining:
     warmup_patience: int = 2
     epochs: int = 9  # alternation epochs after the warm-up
     phase_batches: int = 200
+    augment: bool = False  # recompute augmented training features every epoch (no feature cache)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
 
     def __post_init__(self) -> None:
@@ -154,7 +155,7 @@ def exit_outputs(
 def _warmup(
     network: EarlyExitNetwork,
     objective: Objective,
-    train: CachedSplit,
+    train: CachedSplit | AugmentedFeatures,
     val: CachedSplit,
     settings: ExitTraining,
     device: torch.device,
@@ -171,10 +172,11 @@ def _warmup(
     waited = torch.zeros(num_gates, dtype=torch.long)
     history: dict[str, list] = {"loss": [], "val_accuracy": []}
     for epoch in range(settings.warmup_epochs):
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch))
+        features = train.for_epoch(epoch)
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
         total = 0.0
-        for start in tqdm(range(0, len(train), settings.batch_size), desc=f"warm-up {epoch}", leave=False):
-            pooled, final, labels = train.batch(order[start : start + settings.batch_size], device)
+        for start in tqdm(range(0, len(features), settings.batch_size), desc=f"warm-up {epoch}", leave=False):
+            pooled, final, labels = features.batch(order[start : start + settings.batch_size], device)
             out = network.from_pooled(pooled, final)
             loss = objective.warmup_loss(out.logits[:-1], labels, active.to(device))
             _step(optimizer, schedule, _check_finite(loss, "IM warm-up", "trainer.exits.optimizer.lr"))
@@ -204,7 +206,7 @@ def _phase_plan(settings: ExitTraining, steps_per_epoch: int) -> list[str]:
 def fit_exits(
     network: EarlyExitNetwork,
     objective: Objective,
-    train: CachedSplit,
+    train: CachedSplit | AugmentedFeatures,
     val: CachedSplit,
     costs: Tensor,
     settings: ExitTraining,
@@ -227,13 +229,14 @@ def fit_exits(
     objective.update_from_validation(val_out.logits, val.labels, costs.cpu())
     history["alternation"] = []
     for epoch in range(settings.epochs):
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1000 + epoch))
+        features = train.for_epoch(settings.warmup_epochs + epoch)
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + 1000 + epoch))
         losses: dict[str, list[float]] = {"gates": [], "ims": []}
         for step, start in enumerate(
-            tqdm(range(0, len(train), settings.batch_size), desc=f"alternation {epoch}", leave=False)
+            tqdm(range(0, len(features), settings.batch_size), desc=f"alternation {epoch}", leave=False)
         ):
             phase = plan[epoch * steps_per_epoch + step]
-            pooled, final, labels = train.batch(order[start : start + settings.batch_size], device)
+            pooled, final, labels = features.batch(order[start : start + settings.batch_size], device)
             out = network.from_pooled(pooled, final)
             if phase == "gates":
                 loss = objective.gate_loss(out.logits, out.gate_logits, labels, costs)
