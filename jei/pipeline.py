@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import save_file
 
 from jei.calibrate import ConformalSettings, calibration_metrics, conformal_metrics
-from jei.cost import measure_exit_costs
+from jei.cost import ExitCosts, measure_exit_costs
 from jei.data.base import DataSplits
 from jei.evaluate import exit_metrics
 from jei.features import AugmentedFeatures, CachedSplit, cached_split, to_device
 from jei.io import atomic_write, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
 from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability
-from jei.train import BackboneTraining, ExitTraining, backbone_accuracy, exit_outputs, fit_backbone, fit_exits
+from jei.train import BackboneTraining, ExitTraining, exit_outputs, fit_backbone, fit_exits
 from jei.types import Objective
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,38 @@ def early_exit_predictions(network: EarlyExitNetwork, data: DataSplits, split: s
         logits.append(result.logits.float().cpu())
         exits.append(result.exit_index.cpu())
     return torch.cat(logits), torch.cat(exits)
+
+
+def evaluate(
+    network: EarlyExitNetwork, data: DataSplits, splits: dict[str, CachedSplit], costs: ExitCosts, settings: RunSettings
+) -> dict[str, Any]:
+    """Test metrics from real early-exit inference, conformal sets calibrated on ``cal``, and
+    calibration error; ``early_exit_agreement`` checks real inference against the cached pass."""
+    network.eval()
+    test_outputs = exit_outputs(network, splits["test"], settings.device)
+    cached_prediction = predict_from_outputs(test_outputs)
+    test_logits, exits = early_exit_predictions(network, data, "test", settings.eval_batch_size, settings.device)
+    predictions = test_logits.argmax(-1)
+    labels = splits["test"].labels
+    metrics = exit_metrics(exits, predictions, labels, costs.normalized, test_outputs.logits)
+    metrics["early_exit_agreement"] = (
+        (exits == cached_prediction.exit_index) & (predictions == cached_prediction.logits.argmax(-1))
+    ).double().mean().item()
+    # Calibration split: disjoint from train/val, not augmented, scored with the final model.
+    cal_prediction = predict_from_outputs(exit_outputs(network, splits["cal"], settings.device))
+    test_probs = torch.softmax(test_logits.double(), dim=-1)
+    metrics["conformal"] = conformal_metrics(
+        torch.softmax(cal_prediction.logits.double(), dim=-1), splits["cal"].labels, cal_prediction.exit_index,
+        test_probs, labels, exits, network.num_gates + 1, settings.conformal,
+    )
+    metrics["calibration"] = calibration_metrics(
+        test_probs, labels, torch.softmax(test_outputs.logits.double(), dim=-1), settings.conformal.n_bins
+    )
+    metrics["exit_mul_adds"] = costs.mul_adds
+    metrics["backbone_mul_adds"] = costs.backbone_mul_adds
+    val = splits["val"]
+    metrics["backbone_val_accuracy"] = (val.final_logits.argmax(-1) == val.labels).double().mean().item()
+    return metrics
 
 
 def run_experiment(
@@ -113,29 +145,7 @@ def run_experiment(
         device, settings.seed,
     )
 
-    network.eval()
-    test_outputs = exit_outputs(network, splits["test"], device)
-    cached_prediction = predict_from_outputs(test_outputs)
-    test_logits, exits = early_exit_predictions(network, data, "test", settings.eval_batch_size, device)
-    predictions = test_logits.argmax(-1)
-    labels = splits["test"].labels
-    metrics = exit_metrics(exits, predictions, labels, costs.normalized, test_outputs.logits)
-    metrics["early_exit_agreement"] = (
-        (exits == cached_prediction.exit_index) & (predictions == cached_prediction.logits.argmax(-1))
-    ).double().mean().item()
-    # Calibration split: disjoint from train/val, not augmented, scored with the final model.
-    cal_prediction = predict_from_outputs(exit_outputs(network, splits["cal"], device))
-    test_probs = torch.softmax(test_logits.double(), dim=-1)
-    metrics["conformal"] = conformal_metrics(
-        torch.softmax(cal_prediction.logits.double(), dim=-1), splits["cal"].labels, cal_prediction.exit_index,
-        test_probs, labels, exits, network.num_gates + 1, settings.conformal,
-    )
-    metrics["calibration"] = calibration_metrics(
-        test_probs, labels, torch.softmax(test_outputs.logits.double(), dim=-1), settings.conformal.n_bins
-    )
-    metrics["exit_mul_adds"] = costs.mul_adds
-    metrics["backbone_mul_adds"] = costs.backbone_mul_adds
-    metrics["backbone_val_accuracy"] = backbone_accuracy(backbone, data, "val", settings.eval_batch_size, device)
+    metrics = evaluate(network, data, splits, costs, settings)
     metrics["history"] = history
     metrics["config"] = config or {}
 
