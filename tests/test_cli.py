@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
+
+from jei.cli import train
 
 QUICK = [
     "data.max_per_split=80",
@@ -58,24 +62,37 @@ def test_sweep_runs_each_cost_weight(tmp_path):
     assert runs[1]["expected_cost"] <= runs[0]["expected_cost"]  # a larger cost weight never exits later
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("objective.cost_weight=-1", "objective.cost_weight must be >= 0"),
-        ("backbone=cifar_resnet_typo", "backbone"),
-        ("backbone.exits=[1,2,9]", "backbone.exits: exit position 9 is outside 1..3"),
-        ("data.max_per_split=0", "data.max_per_split must be >= 1"),
-        ("data.fractions=[0.9,0.0,0.05,0.05]", "the 'val' split is empty"),
-        ("backbone.weights=/nonexistent/weights.safetensors", "backbone.weights: no file at /nonexistent"),
-        ("conformal.alphas=[1.5]", "conformal.alphas: 1.5 is outside (0, 1)"),
-        ("trainer.exits.batch_size=0", "trainer.exits.batch_size must be >= 1"),
-        ("+trainer.exits.bogus=1", "trainer.exits: unknown key(s) bogus"),
-    ],
-)
+BAD_INPUTS = [
+    ("objective.cost_weight=-1", "objective.cost_weight must be >= 0"),
+    ("backbone.exits=[1,2,9]", "backbone.exits: exit position 9 is outside 1..3"),
+    ("data.max_per_split=0", "data.max_per_split must be >= 1"),
+    ("data.fractions=[0.9,0.0,0.05,0.05]", "the 'val' split is empty"),
+    ("backbone.weights=/nonexistent/weights.safetensors", "backbone.weights: no file at /nonexistent"),
+    ("conformal.alphas=[1.5]", "conformal.alphas: 1.5 is outside (0, 1)"),
+    ("conformal.small_group_policy=drop", "conformal.small_group_policy must be one of"),
+    ("trainer.exits.batch_size=0", "trainer.exits.batch_size must be >= 1"),
+    ("+trainer.exits.bogus=1", "trainer.exits: unknown key(s) bogus"),
+    ("backbone.name=small_cn", "Unknown backbone 'small_cn'"),
+    pytest.param("device=cuda", "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_INPUTS)
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, override, message):
+    """In-process (fast): the job's own entry function, on the composed config."""
+    with initialize_config_module("jei.configs", version_base="1.3"):
+        cfg = compose("train", overrides=[override, "trainer.feature_cache=false"])
     run_dir = tmp_path / "run"
-    result = jei_train(override, f"hydra.run.dir={run_dir}", "trainer.feature_cache=false", cwd=tmp_path)
+    with pytest.raises(Exception) as info:
+        train(cfg, run_dir)
+    assert message in str(info.value)
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_bad_input_from_the_command_line_exits_non_zero(tmp_path):
+    run_dir = tmp_path / "run"
+    result = jei_train("objective.cost_weight=-1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-2000:]
-    produced = {p.name for p in run_dir.glob("*")} if run_dir.exists() else set()
-    assert produced <= {".hydra", "cli.log"}  # Hydra's own record of the call, no results
+    assert "objective.cost_weight must be >= 0" in result.stderr
+    assert {p.name for p in run_dir.glob("*")} <= {".hydra", "cli.log"}  # Hydra's record of the call only
