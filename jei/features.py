@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,18 @@ def compute_split(
     return CachedSplit([torch.cat(p) for p in pooled], torch.cat(logits), torch.cat(labels))
 
 
+@contextmanager
+def cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
+    """Set torch's intra-op CPU threads for a block (no effect on other devices)."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class AugmentedFeatures:
     """Training features drawn anew each epoch from an augmented pass (no cache possible)."""
 
@@ -85,14 +99,16 @@ class AugmentedFeatures:
         self, network: EarlyExitNetwork, data: DataSplits, batch_size: int, device: torch.device, seed: int
     ) -> None:
         self.network, self.data, self.batch_size, self.device, self.seed = network, data, batch_size, device, seed
+        self.threads = torch.get_num_threads()  # the backbone pass gets all of them back
 
     def __len__(self) -> int:
         return self.data.size("train")
 
     def for_epoch(self, epoch: int) -> CachedSplit:
-        return compute_split(
-            self.network, self.data, "train", self.batch_size, self.device, augment=True, seed=self.seed + epoch
-        )
+        with cpu_threads(self.device, self.threads):
+            return compute_split(
+                self.network, self.data, "train", self.batch_size, self.device, augment=True, seed=self.seed + epoch
+            )
 
 
 def cache_key(network: EarlyExitNetwork, data: DataSplits, split: str, fingerprint: str) -> str:

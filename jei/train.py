@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from jei.data.base import DataSplits
-from jei.features import AugmentedFeatures, CachedSplit, to_device
+from jei.features import AugmentedFeatures, CachedSplit, cpu_threads, to_device
 from jei.model import EarlyExitNetwork
 from jei.types import ExitOutputs, Objective
 
@@ -214,6 +214,20 @@ def fit_exits(
     seed: int,
 ) -> dict[str, Any]:
     """Stage 2 from cached features: IM warm-up, then alternating gate and IM phases."""
+    with cpu_threads(device, 1):  # IMs and gates are tiny ops, where CPU threading only costs
+        return _fit_exits(network, objective, train, val, costs, settings, device, seed)
+
+
+def _fit_exits(
+    network: EarlyExitNetwork,
+    objective: Objective,
+    train: CachedSplit | AugmentedFeatures,
+    val: CachedSplit,
+    costs: Tensor,
+    settings: ExitTraining,
+    device: torch.device,
+    seed: int,
+) -> dict[str, Any]:
     network.to(device)
     network.backbone.freeze()
     costs = costs.to(device=device, dtype=torch.float32)
