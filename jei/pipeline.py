@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from jei.calibrate import ConformalSettings, calibration_metrics, conformal_metrics
 from jei.cost import ExitCosts, measure_exit_costs
@@ -62,7 +63,8 @@ def early_exit_predictions(network: EarlyExitNetwork, data: DataSplits, split: s
     """Real early-exit inference over a split: logits at the exit taken, and the exits."""
     network.eval()
     logits, exits = [], []
-    for inputs, _ in data.batches(split, batch_size):
+    total = (data.size(split) + batch_size - 1) // batch_size
+    for inputs, _ in tqdm(data.batches(split, batch_size), total=total, desc=f"early exit[{split}]", leave=False):
         result = network.early_exit(to_device(inputs, device))
         logits.append(result.logits.float().cpu())
         exits.append(result.exit_index.cpu())

@@ -96,3 +96,22 @@ def test_bad_input_from_the_command_line_exits_non_zero(tmp_path):
     assert result.returncode != 0
     assert "objective.cost_weight must be >= 0" in result.stderr
     assert {p.name for p in run_dir.glob("*")} <= {".hydra", "cli.log"}  # Hydra's record of the call only
+
+
+def test_report_tabulates_finished_runs(tmp_path):
+    from jei.report import table
+
+    for job, (cost_weight, accuracy) in enumerate([(0.5, 0.9), (0.1, 0.95)]):
+        run = tmp_path / str(job)
+        run.mkdir()
+        metrics = {"accuracy": accuracy, "expected_cost": 1 - cost_weight, "backbone_accuracy": 0.96,
+                   "config": {"objective": {"cost_weight": cost_weight}},
+                   "calibration": {"ece_gated_equal_width": 0.02},
+                   "conformal": {"n_test_per_exit": [300, 10], "results": [{
+                       "alpha": 0.1, "global": {"coverage": 0.9},
+                       "per_exit": {"coverage": 0.91, "mean_set_size": 1.5, "per_exit_coverage": [0.89, 0.5]}}]}}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    lines = table([tmp_path]).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| 0.1 | 95.00 | 0.900 | 96.00 | 91.00 | 89.00 | 1.50 | 90.00 | 2.00 |")
+    assert lines[3].startswith("| 0.5 | 90.00 | 0.500 |")
