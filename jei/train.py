@@ -215,52 +215,39 @@ def fit_exits(
 ) -> dict[str, Any]:
     """Stage 2 from cached features: IM warm-up, then alternating gate and IM phases."""
     with cpu_threads(device, 1):  # IMs and gates are tiny ops, where CPU threading only costs
-        return _fit_exits(network, objective, train, val, costs, settings, device, seed)
+        network.to(device)
+        network.backbone.freeze()
+        costs = costs.to(device=device, dtype=torch.float32)
+        history: dict[str, Any] = {"warmup": _warmup(network, objective, train, val, settings, device, seed)}
 
-
-def _fit_exits(
-    network: EarlyExitNetwork,
-    objective: Objective,
-    train: CachedSplit | AugmentedFeatures,
-    val: CachedSplit,
-    costs: Tensor,
-    settings: ExitTraining,
-    device: torch.device,
-    seed: int,
-) -> dict[str, Any]:
-    network.to(device)
-    network.backbone.freeze()
-    costs = costs.to(device=device, dtype=torch.float32)
-    history: dict[str, Any] = {"warmup": _warmup(network, objective, train, val, settings, device, seed)}
-
-    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-    plan = _phase_plan(settings, steps_per_epoch)
-    params = network.exit_parameters()
-    optimizers = {
-        phase: settings.optimizer.build(params[phase], plan.count(phase)) for phase in ("gates", "ims")
-    }
-    val_out = exit_outputs(network, val, device)
-    objective.update_from_validation(val_out.logits, val.labels, costs.cpu())
-    history["alternation"] = []
-    for epoch in range(settings.epochs):
-        features = train.for_epoch(settings.warmup_epochs + epoch)
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + 1000 + epoch))
-        losses: dict[str, list[float]] = {"gates": [], "ims": []}
-        for step, start in enumerate(
-            tqdm(range(0, len(features), settings.batch_size), desc=f"alternation {epoch}", leave=False)
-        ):
-            phase = plan[epoch * steps_per_epoch + step]
-            pooled, final, labels = features.batch(order[start : start + settings.batch_size], device)
-            out = network.from_pooled(pooled, final)
-            if phase == "gates":
-                loss = objective.gate_loss(out.logits, out.gate_logits, labels, costs)
-            else:
-                loss = objective.im_loss(out.logits[:-1], out.gate_logits, labels)
-            _step(*optimizers[phase], _check_finite(loss, f"{phase} phase", "trainer.exits.optimizer.lr"))
-            losses[phase].append(loss.item())
+        steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+        plan = _phase_plan(settings, steps_per_epoch)
+        params = network.exit_parameters()
+        optimizers = {
+            phase: settings.optimizer.build(params[phase], plan.count(phase)) for phase in ("gates", "ims")
+        }
         val_out = exit_outputs(network, val, device)
         objective.update_from_validation(val_out.logits, val.labels, costs.cpu())
-        summary = {phase: sum(v) / len(v) if v else None for phase, v in losses.items()}
-        history["alternation"].append(summary)
-        log.info("alternation epoch %d: %s", epoch, summary)
-    return history
+        history["alternation"] = []
+        for epoch in range(settings.epochs):
+            features = train.for_epoch(settings.warmup_epochs + epoch)
+            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + 1000 + epoch))
+            losses: dict[str, list[float]] = {"gates": [], "ims": []}
+            for step, start in enumerate(
+                tqdm(range(0, len(features), settings.batch_size), desc=f"alternation {epoch}", leave=False)
+            ):
+                phase = plan[epoch * steps_per_epoch + step]
+                pooled, final, labels = features.batch(order[start : start + settings.batch_size], device)
+                out = network.from_pooled(pooled, final)
+                if phase == "gates":
+                    loss = objective.gate_loss(out.logits, out.gate_logits, labels, costs)
+                else:
+                    loss = objective.im_loss(out.logits[:-1], out.gate_logits, labels)
+                _step(*optimizers[phase], _check_finite(loss, f"{phase} phase", "trainer.exits.optimizer.lr"))
+                losses[phase].append(loss.item())
+            val_out = exit_outputs(network, val, device)
+            objective.update_from_validation(val_out.logits, val.labels, costs.cpu())
+            summary = {phase: sum(v) / len(v) if v else None for phase, v in losses.items()}
+            history["alternation"].append(summary)
+            log.info("alternation epoch %d: %s", epoch, summary)
+        return history
