@@ -38,6 +38,7 @@ class ConformalSettings:
     small_group_policy: str = "pool"
     allow_empty: bool = False
     n_bins: int = 15
+    calibrate_on: str = "cal"  # "cal" | "test_halves" (see calibration_folds)
 
     def __post_init__(self) -> None:
         if not self.alphas:
@@ -53,6 +54,8 @@ class ConformalSettings:
                 f"conformal.small_group_policy must be one of {', '.join(SMALL_GROUP_POLICIES)}, "
                 f"got {self.small_group_policy!r}"
             )
+        if self.calibrate_on not in ("cal", "test_halves"):
+            raise ValueError(f"conformal.calibrate_on must be 'cal' or 'test_halves', got {self.calibrate_on!r}")
         if self.n_bins < 1:
             raise ValueError(f"conformal.n_bins must be >= 1, got {self.n_bins}")
 
@@ -72,49 +75,73 @@ def _set_metrics(sets: Tensor, labels: Tensor, exits: Tensor, num_exits: int) ->
     }
 
 
-def conformal_metrics(
-    cal_probs: Tensor,
-    cal_labels: Tensor,
-    cal_exits: Tensor,
-    test_probs: Tensor,
-    test_labels: Tensor,
-    test_exits: Tensor,
-    num_exits: int,
-    settings: ConformalSettings,
-) -> dict[str, Any]:
-    """Per-exit (Mondrian) and global split conformal, for every alpha in ``settings``.
+@dataclass
+class Scored:
+    """Probabilities at the exit each sample took, the labels, and those exits."""
 
-    ``*_probs`` are the class probabilities at the exit each sample took, ``*_exits`` that exit.
+    probs: Tensor
+    labels: Tensor
+    exits: Tensor
+
+    def subset(self, index: Tensor) -> Scored:
+        return Scored(self.probs[index], self.labels[index], self.exits[index])
+
+
+def calibration_folds(cal: Scored, test: Scored, calibrate_on: str, seed: int) -> list[tuple[Scored, Tensor]]:
+    """(calibration samples, test positions they give sets to) pairs.
+
+    ``"cal"``: the calibration split for every test sample. ``"test_halves"``: two-fold
+    cross-conformal on the test split (each half calibrated on the other), for backbones that
+    were trained on every training image, where a calibration split cut from the training set
+    is not exchangeable with the test set.
     """
+    if calibrate_on == "cal":
+        return [(cal, torch.arange(len(test.labels)))]
+    order = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(seed))
+    first, second = order[: len(order) // 2], order[len(order) // 2 :]
+    return [(test.subset(first), second), (test.subset(second), first)]
+
+
+def conformal_metrics(
+    folds: list[tuple[Scored, Tensor]], test: Scored, num_exits: int, settings: ConformalSettings
+) -> dict[str, Any]:
+    """Per-exit (Mondrian) and global split conformal sets for every test sample, for every
+    alpha in ``settings``, with their coverage and size overall and per exit."""
     results = []
     for alpha in settings.alphas:
-        per_exit = MondrianConformal(
-            settings.score,
-            alpha=alpha,
-            min_group_size=settings.min_group_size,
-            small_group_policy=settings.small_group_policy,
-            allow_empty=settings.allow_empty,
-        ).calibrate(cal_probs, cal_labels, cal_exits, num_groups=num_exits)
-        overall = SplitConformal(settings.score, alpha=alpha, allow_empty=settings.allow_empty).calibrate(
-            cal_probs, cal_labels
-        )
+        sets = {kind: torch.zeros_like(test.probs, dtype=torch.bool) for kind in ("per_exit", "global")}
+        summaries: dict[str, list[dict[str, Any]]] = {"per_exit": [], "global": []}
+        for cal, index in folds:
+            per_exit = MondrianConformal(
+                settings.score,
+                alpha=alpha,
+                min_group_size=settings.min_group_size,
+                small_group_policy=settings.small_group_policy,
+                allow_empty=settings.allow_empty,
+            ).calibrate(cal.probs, cal.labels, cal.exits, num_groups=num_exits)
+            overall = SplitConformal(settings.score, alpha=alpha, allow_empty=settings.allow_empty).calibrate(
+                cal.probs, cal.labels
+            )
+            sets["per_exit"][index] = per_exit.predict(test.probs[index], test.exits[index])
+            sets["global"][index] = overall.predict(test.probs[index])
+            summaries["per_exit"].append(per_exit.summary())
+            summaries["global"].append(overall.summary())
         results.append({
             "alpha": alpha,
-            "per_exit": {
-                **_set_metrics(per_exit.predict(test_probs, test_exits), test_labels, test_exits, num_exits),
-                "calibration": per_exit.summary(),
-            },
-            "global": {
-                **_set_metrics(overall.predict(test_probs), test_labels, test_exits, num_exits),
-                "calibration": overall.summary(),
+            **{
+                kind: {**_set_metrics(sets[kind], test.labels, test.exits, num_exits), "calibration": summaries[kind]}
+                for kind in ("per_exit", "global")
             },
         })
     return {
         "score": settings.score,
+        "calibrate_on": settings.calibrate_on,
         "small_group_policy": settings.small_group_policy,
         "min_group_size": settings.min_group_size,
-        "n_test_per_exit": torch.bincount(test_exits, minlength=num_exits).tolist(),
-        "n_calibration_per_exit": torch.bincount(cal_exits, minlength=num_exits).tolist(),
+        "n_test_per_exit": torch.bincount(test.exits, minlength=num_exits).tolist(),
+        "n_calibration_per_exit": sum(
+            torch.bincount(cal.exits, minlength=num_exits) for cal, _ in folds
+        ).tolist(),
         "results": results,
     }
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from jei.calibrate import ConformalSettings, calibration_metrics, conformal_metrics
+from jei.calibrate import ConformalSettings, Scored, calibration_folds, calibration_metrics, conformal_metrics
 from jei.cost import ExitCosts, measure_exit_costs
 from jei.data.base import DataSplits
 from jei.evaluate import exit_metrics
@@ -89,10 +89,10 @@ def evaluate(
     # Calibration split: disjoint from train/val, not augmented, scored with the final model.
     cal_prediction = predict_from_outputs(exit_outputs(network, splits["cal"], settings.device))
     test_probs = torch.softmax(test_logits.double(), dim=-1)
-    metrics["conformal"] = conformal_metrics(
-        torch.softmax(cal_prediction.logits.double(), dim=-1), splits["cal"].labels, cal_prediction.exit_index,
-        test_probs, labels, exits, network.num_gates + 1, settings.conformal,
-    )
+    cal = Scored(torch.softmax(cal_prediction.logits.double(), dim=-1), splits["cal"].labels, cal_prediction.exit_index)
+    test = Scored(test_probs, labels, exits)
+    folds = calibration_folds(cal, test, settings.conformal.calibrate_on, settings.seed)
+    metrics["conformal"] = conformal_metrics(folds, test, network.num_gates + 1, settings.conformal)
     metrics["calibration"] = calibration_metrics(
         test_probs, labels, torch.softmax(test_outputs.logits.double(), dim=-1), settings.conformal.n_bins
     )
