@@ -45,7 +45,7 @@ def test_main_job_writes_metrics_exits_and_plots(tmp_path):
     assert abs(sum(metrics["exit_fractions"]) - 1) < 1e-9
     assert metrics["exit_costs"][-1] == 1.0 and metrics["exit_costs"] == sorted(metrics["exit_costs"])
     assert metrics["early_exit_agreement"] == 1.0
-    assert metrics["config"]["objective"]["cost_weight"] == 0.1
+    assert metrics["config"]["objective"]["cost_weight"] == 0.5
     assert [r["alpha"] for r in metrics["conformal"]["results"]] == [0.05, 0.1]
     exits = load_file(str(run_dir / "exits.safetensors"))
     assert {key.split(".")[0] for key in exits} == {"ims", "gates"}
