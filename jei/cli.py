@@ -17,7 +17,7 @@ from jei.build import (
     network_factory,
     to_plain,
 )
-from jei.pipeline import run_experiment
+from jei.pipeline import run_experiment, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig, output_dir: Path) -> float:
     """Build everything from ``cfg`` (validating it before any heavy work) and run it."""
     settings = build_settings(cfg)
+    seed_everything(settings.seed)  # before any module is built: initial weights are seeded too
     objective = build_objective(cfg.objective)
     data = build_data(cfg.data)
     backbone = build_backbone(cfg.backbone, data)

@@ -112,10 +112,12 @@ def run_experiment(
     output_dir: Path,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run every stage and return the metrics also written to ``output_dir/metrics.json``."""
+    """Run every stage and return the metrics also written to ``output_dir/metrics.json``.
+
+    Seed (``seed_everything``) before building ``backbone`` for a reproducible run.
+    """
     output_dir = Path(output_dir)
     device = settings.device
-    seed_everything(settings.seed)
     backbone.to(device)
     history: dict[str, Any] = {}
     if settings.train_backbone:

@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OptimizerSettings:
-    """SGD with momentum and a cosine schedule (the paper's runs), or Adam."""
+    """SGD with momentum (the paper's runs), Adam or AdamW, with a cosine schedule.
+
+    Prefer AdamW to Adam with weight decay: Adam adds the decay to the gradient before
+    normalising it, so an IM that the gates give little probability (a near-zero loss
+    gradient) is shrunk towards zero.
+    """
 
     name: str = "sgd"
     lr: float = 0.01
@@ -36,8 +41,8 @@ class OptimizerSettings:
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        if self.name not in ("sgd", "adam"):
-            raise ValueError(f"optimizer name must be 'sgd' or 'adam', got {self.name!r}")
+        if self.name not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer name must be 'sgd', 'adam' or 'adamw', got {self.name!r}")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"optimizer needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
 
@@ -48,7 +53,8 @@ class OptimizerSettings:
                 params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
             )
         else:
-            optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+            adam = torch.optim.Adam if self.name == "adam" else torch.optim.AdamW
+            optimizer = adam(params, lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps), eta_min=self.min_lr)
         return optimizer, schedule
 
