@@ -1,0 +1,1 @@
+"""Inference modules (``ims``) and exit gates (``gates``), found through ``jei.registry.IMS``/``GATES``."""

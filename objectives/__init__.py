@@ -1,0 +1,1 @@
+"""Training objectives (``jei``: the JEI-DNN bi-level loss), found through ``jei.registry.OBJECTIVES``."""
