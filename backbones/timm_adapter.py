@@ -99,9 +99,10 @@ class TimmBackbone(FrozenBackbone):
         # Segment i runs steps [bounds[i], bounds[i+1]); the last one then applies forward_head.
         self._bounds = [0, *(candidates[position][0] + 1 for position in chosen), len(self._steps)]
         if weights is not None:
-            load_keeping_head(
-                self.model, read_state_dict(weights), weights, _head_prefixes(self.model), num_classes, reset_head
-            )
+            state = read_state_dict(weights)
+            if state and all(key.startswith("model.") for key in state):  # saved from this adapter (jei-train)
+                state = {key.removeprefix("model."): value for key, value in state.items()}
+            load_keeping_head(self.model, state, weights, _head_prefixes(self.model), num_classes, reset_head)
 
     def begin(self, inputs: Tensor) -> Tensor:
         if self.input_size is not None and tuple(inputs.shape[-2:]) != (self.input_size, self.input_size):

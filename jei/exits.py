@@ -96,13 +96,22 @@ def gate_targets(best_exit: Tensor, num_gates: int) -> Tensor:
     return (positions.unsqueeze(0) >= best_exit.unsqueeze(-1)).float()
 
 
-def positive_class_weights(best_exit: Tensor, num_gates: int, cap: float = 5.0) -> Tensor:
-    """Per-gate positive-class weight min(cap, (N - n_l) / n_l), n_l = #samples with l* == l.
+POS_WEIGHT_RULES = ("balanced", "exit_share")
 
-    Re-estimated on the validation split; a gate that no sample should take gets ``cap``.
+
+def positive_class_weights(best_exit: Tensor, num_gates: int, cap: float = 5.0, rule: str = "balanced") -> Tensor:
+    """Per-gate positive-class weight for the gates' BCE, capped at ``cap``.
+
+    ``"balanced"``: negatives / positives of gate l's own targets, where the positives are the
+    samples with l* <= l (``gate_targets``). ``"exit_share"``: (N - n_l) / n_l with n_l the
+    samples with l* == l, what the authors' code does; since gate l's positives include every
+    earlier l*, it over-weights the later gates' positives. A gate without positives gets ``cap``.
     """
+    if rule not in POS_WEIGHT_RULES:
+        raise ValueError(f"objective.pos_weight_rule must be one of {POS_WEIGHT_RULES}, got {rule!r}")
     total = best_exit.numel()
     counts = torch.bincount(best_exit.flatten(), minlength=num_gates + 1)[:num_gates].float()
-    ratio = (total - counts) / counts.clamp(min=1)
-    ratio[counts == 0] = cap
+    positives = torch.cumsum(counts, dim=0) if rule == "balanced" else counts
+    ratio = (total - positives) / positives.clamp(min=1)
+    ratio[positives == 0] = cap
     return ratio.clamp(max=cap)

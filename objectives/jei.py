@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from jei.exits import exit_probabilities, gate_targets, oracle_exit, per_exit_losses, positive_class_weights
+from jei.exits import POS_WEIGHT_RULES, exit_probabilities, gate_targets, oracle_exit, per_exit_losses, positive_class_weights
 
 ImWeighting = Literal["paper", "uniform"]
 
@@ -28,6 +28,8 @@ class JEIObjective:
         renormalize: with ``"paper"``, divide each sample's weighted loss by its detached
             intermediate mass sum_{l<G} pi_l (no gradient flows through the factor).
         pos_weight_cap: upper bound of the gates' positive-class weights.
+        pos_weight_rule: ``"balanced"`` (negatives / positives of each gate's targets) or
+            ``"exit_share"`` (the authors' code); see ``jei.exits.positive_class_weights``.
     """
 
     trains_gates = True
@@ -38,6 +40,7 @@ class JEIObjective:
         im_weighting: ImWeighting = "paper",
         renormalize: bool = False,
         pos_weight_cap: float = 5.0,
+        pos_weight_rule: str = "balanced",
     ) -> None:
         if not cost_weight >= 0:  # also rejects NaN
             raise ValueError(f"objective.cost_weight must be >= 0, got {cost_weight}")
@@ -48,7 +51,10 @@ class JEIObjective:
         self.cost_weight = float(cost_weight)
         self.im_weighting = im_weighting
         self.renormalize = renormalize
+        if pos_weight_rule not in POS_WEIGHT_RULES:  # checked before training, not after the warm-up
+            raise ValueError(f"objective.pos_weight_rule must be one of {POS_WEIGHT_RULES}, got {pos_weight_rule!r}")
         self.pos_weight_cap = float(pos_weight_cap)
+        self.pos_weight_rule = pos_weight_rule
         self.pos_weight: Tensor | None = None  # per gate; 1 until estimated on validation data
 
     def warmup_loss(self, im_logits: Tensor, labels: Tensor, active: Tensor | None = None) -> Tensor:
@@ -90,4 +96,4 @@ class JEIObjective:
         """Re-estimate the gates' positive-class weights from the validation split."""
         num_gates = exit_logits.shape[0] - 1
         best = self.best_exits(exit_logits, labels, costs)
-        self.pos_weight = positive_class_weights(best.cpu(), num_gates, self.pos_weight_cap)
+        self.pos_weight = positive_class_weights(best.cpu(), num_gates, self.pos_weight_cap, self.pos_weight_rule)

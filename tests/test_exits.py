@@ -152,5 +152,20 @@ def test_oracle_exit_trades_loss_for_cost_and_breaks_ties_early():
 
 def test_positive_class_weights():
     best = torch.tensor([0, 0, 1, 3, 3, 3, 3, 3])  # N = 8, n_0 = 2, n_1 = 1, n_2 = 0
-    weights = positive_class_weights(best, 3, cap=5.0)
-    torch.testing.assert_close(weights, torch.tensor([3.0, 5.0, 5.0]))
+    # balanced: gate l's positives are l* <= l: 2, 3, 3 of 8
+    torch.testing.assert_close(positive_class_weights(best, 3, cap=5.0), torch.tensor([3.0, 5 / 3, 5 / 3]))
+    # exit_share (the authors' code): n_l = #(l* == l); no sample at l = 2 gives the cap
+    torch.testing.assert_close(positive_class_weights(best, 3, cap=5.0, rule="exit_share"), torch.tensor([3.0, 5.0, 5.0]))
+    with pytest.raises(ValueError, match="pos_weight_rule"):
+        positive_class_weights(best, 3, rule="inverse")
+
+
+@given(st.integers(1, 6), st.data())
+def test_balanced_weights_equalise_each_gates_classes(gates, data):
+    """With the balanced rule, weighted positives equal negatives for every gate (below the cap)."""
+    best = torch.tensor(data.draw(st.lists(st.integers(0, gates), min_size=1, max_size=40)))
+    targets = gate_targets(best, gates)
+    weights = positive_class_weights(best, gates, cap=1e9)
+    positives, negatives = targets.sum(0), (1 - targets).sum(0)
+    has_positives = positives > 0
+    torch.testing.assert_close((weights * positives)[has_positives], negatives[has_positives])

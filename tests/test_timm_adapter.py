@@ -191,3 +191,14 @@ def test_deepcopy_keeps_segments_on_the_copy() -> None:
 
 def test_test_models_exist_in_this_timm() -> None:
     assert {"test_vit", "test_resnet", "test_convnext", "test_efficientnet"} <= set(timm.list_models("test_*"))
+
+
+def test_weights_saved_by_jei_train_load_back(tmp_path):
+    """`jei-train` saves the adapter's own state dict (keys under `model.`); it must reload."""
+    kwargs = {"model_name": "test_vit", "num_classes": 3, "model_kwargs": {"img_size": 32}}
+    trained = TimmBackbone(**kwargs)
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    reloaded = TimmBackbone(**kwargs, weights=str(path)).freeze()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded(x), trained.freeze()(x))
