@@ -39,7 +39,7 @@ class JEIObjective:
         cost_weight: float = 0.1,
         im_weighting: ImWeighting = "paper",
         renormalize: bool = False,
-        pos_weight_cap: float = 5.0,
+        pos_weight_cap: float = 1.0,
         pos_weight_rule: str = "balanced",
     ) -> None:
         if not cost_weight >= 0:  # also rejects NaN
