@@ -36,7 +36,7 @@ class ConformalSettings:
     score: str = "lac"
     min_group_size: int = 20
     small_group_policy: str = "pool"
-    allow_empty: bool = False
+    allow_empty: bool = True
     n_bins: int = 15
     calibrate_on: str = "cal"  # "cal" | "test_halves" (see calibration_folds)
 
