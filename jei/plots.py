@@ -24,6 +24,7 @@ def plot_exit_histogram(metrics: dict[str, Any], path: Path) -> None:
     fractions = metrics["exit_fractions"]
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.bar(range(len(fractions)), [100 * f for f in fractions], color="tab:blue")
+    axis.set_xticks(range(len(fractions)))
     axis.set_xlabel("exit (last = backbone head)")
     axis.set_ylabel("test samples (%)")
     axis.set_title(f"Where samples exit (accuracy {100 * metrics['accuracy']:.1f}%, cost {metrics['expected_cost']:.2f})")
@@ -38,11 +39,13 @@ def plot_accuracy_cost(metrics: dict[str, Any], path: Path) -> None:
     taken = [(l, 100 * a) for l, a in enumerate(metrics["exit_accuracy"]) if a is not None]
     if taken:
         left.plot(*zip(*taken), "s", label="samples that took the exit")
+    left.set_xticks(list(exits))
     left.set_xlabel("exit")
     left.set_ylabel("accuracy (%)")
     left.legend(fontsize=8)
     right.plot(exits, costs, "o-", color="tab:orange")
     right.axhline(metrics["expected_cost"], linestyle="--", color="gray", label="expected cost (JEI)")
+    right.set_xticks(list(exits))
     right.set_xlabel("exit")
     right.set_ylabel("cumulative cost (fraction of full path)")
     right.legend(fontsize=8)
