@@ -12,6 +12,7 @@ import difflib
 import inspect
 import os
 from collections.abc import Callable, Mapping
+from fnmatch import fnmatch
 from importlib import import_module
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
@@ -62,8 +63,6 @@ class Registry(Generic[T]):
 
     def names(self, pattern: str = "*") -> list[str]:
         """Every available name (wildcards allowed). Imports nothing."""
-        from fnmatch import fnmatch
-
         every = {*self._objects, *self._lazy, *self._entry_points()}
         return sorted(n for n in every if fnmatch(n, pattern))
 
