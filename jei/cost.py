@@ -14,7 +14,7 @@ from jei.model import EarlyExitNetwork
 R = TypeVar("R")
 
 
-def _count(fn: Callable[[], R]) -> tuple[R, int]:
+def _count(fn: Callable[..., R], *args: Any) -> tuple[R, int]:
     """Run ``fn`` and return its result with the mul-adds it performed (FLOPs / 2).
 
     nn.MultiheadAttention's fused inference path hides its matmuls from the counter, so it
@@ -24,10 +24,15 @@ def _count(fn: Callable[[], R]) -> tuple[R, int]:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as counter:
-            result = fn()
+            result = fn(*args)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return result, counter.get_total_flops() // 2
+
+
+def _im_logits(backbone: Any, im: torch.nn.Module, index: int, state: Any) -> torch.Tensor:
+    """An exit's prediction: the backbone's representation there, then its IM."""
+    return im(backbone.represent(index, state))
 
 
 @dataclass
@@ -57,13 +62,13 @@ def measure_exit_costs(network: EarlyExitNetwork, example_inputs: Any) -> ExitCo
     state = backbone.begin(example_inputs)
     spent, backbone_spent, cumulative = 0, 0, []
     for index, (im, gate) in enumerate(zip(network.ims, network.gates)):
-        state, segment = _count(lambda: backbone.run_segment(index, state))
-        logits, head = _count(lambda: im(backbone.represent(index, state)))
-        _, decision = _count(lambda: gate(logits))
+        state, segment = _count(backbone.run_segment, index, state)
+        logits, head = _count(_im_logits, backbone, im, index, state)
+        _, decision = _count(gate, logits)
         backbone_spent += segment
         spent += segment + head + decision
         cumulative.append(spent / batch)
-    _, last = _count(lambda: backbone.run_segment(network.num_gates, state))
+    _, last = _count(backbone.run_segment, network.num_gates, state)
     cumulative.append((spent + last) / batch)
     costs = ExitCosts(mul_adds=cumulative, backbone_mul_adds=(backbone_spent + last) / batch)
     if any(b <= a for a, b in zip(cumulative, cumulative[1:])) or cumulative[0] <= 0:

@@ -118,7 +118,8 @@ def cache_key(network: EarlyExitNetwork, data: DataSplits, split: str, fingerpri
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     for im in network.ims:  # an IM without a pool_signature is keyed by its class
-        digest.update(getattr(im, "pool_signature", lambda: type(im).__qualname__)().encode())
+        signature = im.pool_signature() if hasattr(im, "pool_signature") else type(im).__qualname__
+        digest.update(signature.encode())
     digest.update(split.encode())
     digest.update(data.labels(split).numpy().tobytes())
     digest.update(str(data.size(split)).encode())
