@@ -71,3 +71,15 @@ def test_installed_console_script_uses_packaged_configs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "pkg://jei.configs" in result.stdout
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    """`.ci/run` must run exactly what the README tells a new user to run."""
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [block.strip() for block in quick_start.split("```bash")[1:]]
+    commands = [block.split("```", 1)[0].strip() for block in commands]
+    install, main_job, tests = commands
+    assert install in ci and tests in ci, f"{install!r} and {tests!r} must be lines of .ci/run"
+    assert main_job == ".venv/bin/jei-train"
