@@ -31,7 +31,7 @@ from torch_geometric.datasets import GNNBenchmarkDataset, TUDataset
 from torch_geometric.loader import DataLoader
 from torch_geometric.utils import degree
 
-from .base import SPLITS, DataSplits, split_indices
+from .base import SPLITS, DataSplits, pick_split, split_indices
 
 DEFAULT_CACHE = Path("~/.cache/jei")
 TU_REQUIRED = ("A", "graph_indicator", "graph_labels")  # files <name>_<part>.txt PyG needs
@@ -62,17 +62,11 @@ class GraphDataSplits(DataSplits):
         self._labels = {name: torch.cat([g.y.view(-1) for g in graphs]).long() for name, graphs in splits.items()}
         self.check()
 
-    def _split(self, split: str) -> list[Data]:
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        return self.splits[split]
-
     def size(self, split: str) -> int:
-        return len(self._split(split))
+        return len(pick_split(self.splits, split))
 
     def labels(self, split: str) -> Tensor:
-        self._split(split)
-        return self._labels[split]
+        return pick_split(self._labels, split)
 
     def batches(
         self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, augment: bool = False
@@ -80,7 +74,7 @@ class GraphDataSplits(DataSplits):
         """``(Batch, labels)`` pairs; the order is seeded when shuffling. Graphs have no
         augmentation here, so ``augment`` is accepted and ignored."""
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        for batch in DataLoader(self._split(split), batch_size=batch_size, shuffle=shuffle, generator=generator):
+        for batch in DataLoader(pick_split(self.splits, split), batch_size=batch_size, shuffle=shuffle, generator=generator):
             yield batch, batch.y.view(-1).long()
 
 
