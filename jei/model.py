@@ -24,6 +24,8 @@ class EarlyExitNetwork(nn.Module):
     def __init__(self, backbone: nn.Module, ims: Sequence[nn.Module], gates: Sequence[nn.Module]) -> None:
         super().__init__()
         num_gates = len(backbone.exit_specs)
+        if num_gates == 0:
+            raise ValueError("the backbone declares no exit: an early-exit network needs at least one")
         if not len(ims) == len(gates) == num_gates:
             raise ValueError(f"need one IM and one gate per exit ({num_gates}); got {len(ims)} IMs, {len(gates)} gates")
         self.backbone = backbone
@@ -49,8 +51,8 @@ class EarlyExitNetwork(nn.Module):
         logits = [im.classifier(p) for im, p in zip(self.ims, pooled)]
         gate_logits = [gate(z) for gate, z in zip(self.gates, logits)]
         return ExitOutputs(
-            logits=torch.stack([*logits, final_logits.to(logits[0].dtype if logits else final_logits.dtype)]),
-            gate_logits=torch.stack(gate_logits, dim=-1) if gate_logits else final_logits.new_zeros(len(final_logits), 0),
+            logits=torch.stack([*logits, final_logits.to(logits[0].dtype)]),
+            gate_logits=torch.stack(gate_logits, dim=-1),
         )
 
     def forward(self, inputs: Any) -> ExitOutputs:
@@ -83,8 +85,6 @@ class EarlyExitNetwork(nn.Module):
                 return EarlyExitResult(logits=logits_out, exit_index=exit_index)
             state = backbone.select(state, staying)
         final = backbone.run_segment(self.num_gates, state)
-        if logits_out is None:
-            logits_out = final.new_zeros(total, final.shape[-1])
         logits_out[active] = final.to(logits_out.dtype)
         return EarlyExitResult(logits=logits_out, exit_index=exit_index)
 
