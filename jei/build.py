@@ -21,7 +21,7 @@ from jei.calibrate import ConformalSettings
 from jei.data.base import DataSplits
 from jei.model import EarlyExitNetwork
 from jei.pipeline import RunSettings
-from jei.registry import BACKBONES, DATASETS, GATES, IMS, OBJECTIVES, Registry
+from jei.registry import BACKBONES, DATASETS, GATES, IMS, OBJECTIVES, POLICIES, Registry
 from jei.train import BackboneTraining, ExitTraining, OptimizerSettings
 
 
@@ -74,15 +74,37 @@ def build_backbone(node: Any, data: DataSplits) -> torch.nn.Module:
     return BACKBONES.build(name, **kwargs)
 
 
-def network_factory(im_node: Any, gate_node: Any, num_classes: int) -> Callable[[torch.nn.Module], EarlyExitNetwork]:
-    """Builds IMs and gates from the backbone's ``exit_specs``, once it is frozen."""
+def build_policy(node: Any, objective: Any) -> Any:
+    """The exit policy named by ``policy.name``; ``auto`` (or none) is the objective's own."""
+    plain = dict(to_plain(node) or {})
+    name = plain.pop("name", None) or "auto"
+    if name == "auto":
+        if plain:
+            raise ValueError(f"policy: settings {sorted(plain)} need a policy name (policy=max_prob, ...), not auto")
+        name = objective.default_policy
+    return POLICIES.build(name, **plain)
+
+
+def network_factory(
+    im_node: Any, gate_node: Any, num_classes: int, policy_node: Any = None, objective: Any = None
+) -> Callable[[torch.nn.Module], EarlyExitNetwork]:
+    """Builds IMs, gates and the exit policy from the backbone's ``exit_specs``, once it is frozen.
+
+    ``objective`` supplies the default policy and the exits' ensembling (BoostedNet).
+    """
     im_name, im_kwargs = split_component(im_node, "im")
     gate_name, gate_kwargs = split_component(gate_node, "gate")
+    if objective is not None:
+        build_policy(policy_node, objective)  # a bad policy setting fails now, before any training
 
     def make(backbone: torch.nn.Module) -> EarlyExitNetwork:
         ims = [IMS.build(im_name, spec=spec, num_classes=num_classes, **im_kwargs) for spec in backbone.exit_specs]
         gates = [GATES.build(gate_name, num_classes=num_classes, **gate_kwargs) for _ in backbone.exit_specs]
-        return EarlyExitNetwork(backbone, ims, gates)
+        if objective is None:
+            return EarlyExitNetwork(backbone, ims, gates)
+        return EarlyExitNetwork(
+            backbone, ims, gates, build_policy(policy_node, objective), float(getattr(objective, "ensemble_decay", 0.0))
+        )
 
     return make
 
@@ -142,7 +164,7 @@ def build_objective(node: Any) -> Any:
 
 def load_run(run_dir: str | Path) -> tuple[DictConfig, DataSplits, EarlyExitNetwork]:
     """Rebuild a finished run's data and trained network from its directory (config, backbone
-    weights if it trained them, and ``exits.safetensors``)."""
+    weights if it trained them, and ``exits.safetensors``: IMs, gates, exit policy state)."""
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -157,8 +179,14 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, DataSplits, EarlyExitNetw
         cfg.backbone.weights = str(trained_backbone)
     data = build_data(cfg.data)
     backbone = build_backbone(cfg.backbone, data).freeze()
-    network = network_factory(cfg.im, cfg.gate, data.num_classes)(backbone)
+    objective = build_objective(cfg.objective)
+    network = network_factory(cfg.im, cfg.gate, data.num_classes, cfg.get("policy"), objective)(backbone)
     state = load_file(str(exits_file))
-    network.ims.load_state_dict({k.removeprefix("ims."): v for k, v in state.items() if k.startswith("ims.")})
-    network.gates.load_state_dict({k.removeprefix("gates."): v for k, v in state.items() if k.startswith("gates.")})
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+    network.ims.load_state_dict(part("ims."))
+    network.gates.load_state_dict(part("gates."))
+    network.policy.load_state_dict(part("policy."))
     return cfg, data, network.eval()

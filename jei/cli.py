@@ -29,7 +29,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     objective = build_objective(cfg.objective)
     data = build_data(cfg.data)
     backbone = build_backbone(cfg.backbone, data)
-    make_network = network_factory(cfg.im, cfg.gate, data.num_classes)
+    make_network = network_factory(cfg.im, cfg.gate, data.num_classes, cfg.policy, objective)
     metrics = run_experiment(data, backbone, make_network, objective, settings, output_dir, config=to_plain(cfg))
     log.info("results written to %s", output_dir)
     return metrics["accuracy"]

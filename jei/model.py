@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jei.exits import exit_step, first_exit
-from jei.types import EarlyExitResult, ExitOutputs
+from jei.policies import JEIRule, select_state
+from jei.types import EarlyExitResult, ExitOutputs, ExitPolicy
 
 
 class EarlyExitNetwork(nn.Module):
@@ -19,10 +19,23 @@ class EarlyExitNetwork(nn.Module):
     - ``forward``: the all-exits pass (training, calibration): every exit's logits and gates;
     - ``early_exit``: real inference, segment by segment; a sample that exits leaves the batch
       and no later segment is computed for it.
+
+    ``policy`` (an ``ExitPolicy``, JEI's rule by default) decides where samples leave, in both.
+    ``ensemble_decay`` > 0 makes exit l predict out_l + decay * F_{l-1}, the previous exit's
+    prediction detached (BoostedNet, Yu et al. 2023); the backbone head joins as the last stage.
     """
 
-    def __init__(self, backbone: nn.Module, ims: Sequence[nn.Module], gates: Sequence[nn.Module]) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        ims: Sequence[nn.Module],
+        gates: Sequence[nn.Module],
+        policy: ExitPolicy | None = None,
+        ensemble_decay: float = 0.0,
+    ) -> None:
         super().__init__()
+        if not 0.0 <= ensemble_decay:
+            raise ValueError(f"ensemble_decay must be >= 0, got {ensemble_decay}")
         num_gates = len(backbone.exit_specs)
         if num_gates == 0:
             raise ValueError("the backbone declares no exit: an early-exit network needs at least one")
@@ -31,6 +44,8 @@ class EarlyExitNetwork(nn.Module):
         self.backbone = backbone
         self.ims = nn.ModuleList(ims)
         self.gates = nn.ModuleList(gates)
+        self.policy: ExitPolicy = policy if policy is not None else JEIRule()
+        self.ensemble_decay = float(ensemble_decay)
 
     @property
     def num_gates(self) -> int:
@@ -46,14 +61,19 @@ class EarlyExitNetwork(nn.Module):
         out = self.backbone.forward_exits(inputs)
         return [im.pool(feature) for im, feature in zip(self.ims, out.features)], out.logits
 
+    def _combine(self, logits: Tensor, previous: Tensor | None) -> Tensor:
+        if self.ensemble_decay == 0.0 or previous is None:
+            return logits
+        return logits + self.ensemble_decay * previous.detach().to(logits.dtype)
+
     def from_pooled(self, pooled: Sequence[Tensor], final_logits: Tensor) -> ExitOutputs:
         """Exit outputs from pooled features (cached or fresh)."""
-        logits = [im.classifier(p) for im, p in zip(self.ims, pooled)]
+        logits: list[Tensor] = []
+        for im, p in zip(self.ims, pooled):
+            logits.append(self._combine(im.classifier(p), logits[-1] if logits else None))
+        final = self._combine(final_logits.to(logits[0].dtype), logits[-1])
         gate_logits = [gate(z) for gate, z in zip(self.gates, logits)]
-        return ExitOutputs(
-            logits=torch.stack([*logits, final_logits.to(logits[0].dtype)]),
-            gate_logits=torch.stack(gate_logits, dim=-1),
-        )
+        return ExitOutputs(logits=torch.stack([*logits, final]), gate_logits=torch.stack(gate_logits, dim=-1))
 
     def forward(self, inputs: Any) -> ExitOutputs:
         return self.from_pooled(*self.pooled_features(inputs))
@@ -61,36 +81,38 @@ class EarlyExitNetwork(nn.Module):
     @torch.no_grad()
     def early_exit(self, inputs: Any) -> EarlyExitResult:
         """Real early-exit inference: stop computing each sample at the exit it takes."""
-        backbone = self.backbone
+        backbone, policy = self.backbone, self.policy
         total = backbone.batch_size(inputs)
         state = backbone.begin(inputs)
         active = torch.arange(total)  # original positions of the samples still running
-        used: Tensor | None = None  # running sum of gate probabilities per active sample
+        decision: dict[str, Tensor] | None = None
+        previous: Tensor | None = None  # the last exit's prediction, for ensembles
         logits_out: Tensor | None = None
         exit_index = torch.full((total,), self.num_gates, dtype=torch.long)
         for index, (im, gate) in enumerate(zip(self.ims, self.gates)):
             state = backbone.run_segment(index, state)
-            logits = im(backbone.represent(index, state))
+            logits = self._combine(im(backbone.represent(index, state)), previous)
             if logits_out is None:
                 logits_out = logits.new_zeros(total, logits.shape[-1])
-            gate_prob = torch.sigmoid(gate(logits))
-            used = torch.zeros_like(gate_prob) if used is None else used
-            _, leaving, used = exit_step(gate_prob, used)
+                decision = policy.begin(total, logits.device)
+            leaving, decision = policy.step(index, logits, gate(logits), decision)
             leaving_cpu = leaving.cpu()
             logits_out[active[leaving_cpu]] = logits[leaving]
             exit_index[active[leaving_cpu]] = index
             staying = (~leaving).nonzero().squeeze(-1)
-            active, used = active[~leaving_cpu], used[staying]
+            active = active[~leaving_cpu]
             if active.numel() == 0:
                 return EarlyExitResult(logits=logits_out, exit_index=exit_index)
+            decision, previous = select_state(decision, staying), logits[staying]
             state = backbone.select(state, staying)
-        final = backbone.run_segment(self.num_gates, state)
-        logits_out[active] = final.to(logits_out.dtype)
+        final = self._combine(backbone.run_segment(self.num_gates, state).to(logits_out.dtype), previous)
+        logits_out[active] = final
         return EarlyExitResult(logits=logits_out, exit_index=exit_index)
 
 
-def predict_from_outputs(outputs: ExitOutputs) -> EarlyExitResult:
-    """The prediction the all-exits pass implies (what ``early_exit`` computes for real)."""
-    exit_index = first_exit(torch.sigmoid(outputs.gate_logits))
+def predict_from_outputs(outputs: ExitOutputs, policy: ExitPolicy | None = None) -> EarlyExitResult:
+    """The prediction the all-exits pass implies under ``policy`` (JEI's rule by default):
+    what ``early_exit`` computes for real."""
+    exit_index = (policy or JEIRule()).decide(outputs)
     logits = outputs.logits.gather(0, exit_index.view(1, -1, 1).expand(1, -1, outputs.logits.shape[-1]))[0]
     return EarlyExitResult(logits=logits, exit_index=exit_index)

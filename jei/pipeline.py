@@ -1,8 +1,10 @@
 """One experiment, end to end: backbone stage, freeze, exit stage, early-exit evaluation.
 
 Takes built objects and plain settings (``jei.build`` makes them from Hydra configs), and
-writes its results into ``output_dir``: ``metrics.json``, ``exits.safetensors`` (IMs and
-gates), ``backbone.safetensors`` when the backbone was trained here, and PNG plots. Every
+writes its results into ``output_dir``: ``metrics.json``, ``exits.safetensors`` (IMs, gates,
+exit policy and objective state), ``exit_logits.safetensors`` (every exit's logits and gate
+logits on val, cal and test, so any policy can be evaluated after the fact),
+``backbone.safetensors`` when the backbone was trained here, and PNG plots. Every
 file is written atomically, and ``metrics.json`` last, so a failed run leaves no partial results.
 """
 
@@ -78,7 +80,7 @@ def evaluate(
     calibration error; ``early_exit_agreement`` checks real inference against the cached pass."""
     network.eval()
     test_outputs = exit_outputs(network, splits["test"], settings.device)
-    cached_prediction = predict_from_outputs(test_outputs)
+    cached_prediction = predict_from_outputs(test_outputs, network.policy)
     test_logits, exits = early_exit_predictions(network, data, "test", settings.eval_batch_size, settings.device)
     predictions = test_logits.argmax(-1)
     labels = splits["test"].labels
@@ -87,7 +89,7 @@ def evaluate(
         (exits == cached_prediction.exit_index) & (predictions == cached_prediction.logits.argmax(-1))
     ).double().mean().item()
     # Calibration split: disjoint from train/val, not augmented, scored with the final model.
-    cal_prediction = predict_from_outputs(exit_outputs(network, splits["cal"], settings.device))
+    cal_prediction = predict_from_outputs(exit_outputs(network, splits["cal"], settings.device), network.policy)
     test_probs = torch.softmax(test_logits.double(), dim=-1)
     cal = Scored(torch.softmax(cal_prediction.logits.double(), dim=-1), splits["cal"].labels, cal_prediction.exit_index)
     test = Scored(test_probs, labels, exits)
@@ -101,6 +103,26 @@ def evaluate(
     val = splits["val"]
     metrics["backbone_val_accuracy"] = (val.final_logits.argmax(-1) == val.labels).double().mean().item()
     return metrics
+
+
+def exits_state(network: EarlyExitNetwork, objective: Objective) -> dict[str, torch.Tensor]:
+    """Everything a trained run needs beyond the backbone: IMs, gates, policy and objective state."""
+    state = {f"ims.{k}": v for k, v in network.ims.state_dict().items()}
+    state.update({f"gates.{k}": v for k, v in network.gates.state_dict().items()})
+    state.update({f"policy.{k}": v for k, v in network.policy.state_dict().items()})
+    state.update({f"objective.{k}": v for k, v in objective.state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_exit_logits(network: EarlyExitNetwork, splits: dict[str, CachedSplit], costs: ExitCosts, path: Path, device: torch.device) -> None:
+    """Every exit's logits ``[G+1, N, K]``, gate logits ``[N, G]`` and labels per split."""
+    tensors: dict[str, torch.Tensor] = {"costs": costs.normalized.double().contiguous()}
+    for name, split in splits.items():
+        outputs = exit_outputs(network, split, device)
+        tensors[f"{name}.logits"] = outputs.logits.float().contiguous()
+        tensors[f"{name}.gate_logits"] = outputs.gate_logits.float().contiguous()
+        tensors[f"{name}.labels"] = split.labels.contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def run_experiment(
@@ -153,7 +175,9 @@ def run_experiment(
     metrics["history"] = history
     metrics["config"] = config or {}
 
-    save_state(torch.nn.ModuleDict({"ims": network.ims, "gates": network.gates}), output_dir / "exits.safetensors")
+    state = exits_state(network, objective)
+    atomic_write(output_dir / "exits.safetensors", lambda tmp: save_file(state, str(tmp)))
+    save_exit_logits(network, splits, costs, output_dir / "exit_logits.safetensors", device)
     plot_exit_histogram(metrics, output_dir / "exit_histogram.png")
     plot_accuracy_cost(metrics, output_dir / "accuracy_cost.png")
     plot_reliability(metrics["calibration"], output_dir / "reliability.png")

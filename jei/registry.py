@@ -153,7 +153,26 @@ GATES: Registry[Any] = Registry(
 OBJECTIVES: Registry[Any] = Registry(
     "objective",
     "jei.objectives",
-    {"jei": "jei.objectives.jei:JEIObjective"},
+    {
+        "jei": "jei.objectives.jei:JEIObjective",
+        "sdn": "jei.objectives.sdn:SDNObjective",
+        "boosted": "jei.objectives.boosted:BoostedObjective",
+        "l2w": "jei.objectives.l2w:L2WObjective",
+        "product_gates": "jei.objectives.product_gates:ProductGatesObjective",
+    },
+)
+POLICIES: Registry[Any] = Registry(
+    "exit policy",
+    "jei.policies",
+    {
+        "jei": "jei.policies:JEIRule",
+        "gate_threshold": "jei.policies:GateThreshold",
+        "max_prob": "jei.policies:max_prob",
+        "entropy": "jei.policies:entropy",
+        "budgeted": "jei.policies:BudgetedThreshold",
+        "penalized": "jei.policies:PenalizedThreshold",
+        "patience": "jei.policies:Patience",
+    },
 )
 DATASETS: Registry[Any] = Registry(
     "dataset",

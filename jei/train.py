@@ -1,4 +1,5 @@
-"""Training loops: the backbone stage (before freezing) and the JEI exit stage (IMs + gates).
+"""Training loops: the backbone stage (before freezing) and the exit stage, a generic runner of
+the phases an objective plugin declares (``jei.types.Phase``) over cached features.
 
 Plain arguments only; no Hydra here (see ``jei.build`` for the config side).
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from jei.data.base import DataSplits
 from jei.features import AugmentedFeatures, CachedSplit, cpu_threads, to_device
 from jei.model import EarlyExitNetwork
-from jei.types import ExitOutputs, Objective
+from jei.types import ExitOutputs, Objective, Phase, TrainBatch
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class BackboneTraining:
 
 @dataclass
 class ExitTraining:
-    """Stage 2 (paper §4.3): IM warm-up with per-IM early stopping, then alternating phases."""
+    """Stage 2's budget: batch size, optimiser, and the epoch counts each objective reads for its
+    phases (JEI, paper §4.3: an IM warm-up with per-IM early stopping, then alternation)."""
 
     batch_size: int = 64
     warmup_epochs: int = 6
@@ -158,55 +160,94 @@ def exit_outputs(
     return ExitOutputs(logits=torch.cat(logits, dim=1), gate_logits=torch.cat(gates))
 
 
-def _warmup(
+@dataclass
+class PerExitBest:
+    """Per-module early stopping on a validation metric (one value per exit, higher is better).
+
+    Keeps each module's best weights; a module whose metric has not improved for ``patience``
+    epochs is no longer ``active``. ``restore`` loads every module's best weights back.
+    """
+
+    modules: list[nn.Module]
+    patience: int
+
+    def __post_init__(self) -> None:
+        count = len(self.modules)
+        self.best = torch.full((count,), -math.inf)
+        self.states = [copy.deepcopy(m.state_dict()) for m in self.modules]
+        self.waited = torch.zeros(count, dtype=torch.long)
+        self.active = torch.ones(count, dtype=torch.bool)
+
+    def update(self, metric: Tensor) -> bool:
+        """Record one epoch's metric per module; True when every module has stopped."""
+        improved = metric > self.best
+        for index in improved.nonzero().flatten().tolist():
+            self.states[index] = copy.deepcopy(self.modules[index].state_dict())
+        self.best = torch.where(improved, metric, self.best)
+        self.waited = torch.where(improved, torch.zeros_like(self.waited), self.waited + 1)
+        self.active &= self.waited < self.patience
+        return not bool(self.active.any())
+
+    def restore(self) -> None:
+        for module, state in zip(self.modules, self.states):
+            module.load_state_dict(state)
+
+
+def per_exit_accuracy(outputs: ExitOutputs, labels: Tensor) -> Tensor:
+    """``[G]`` accuracy of every intermediate exit on all samples."""
+    return (outputs.logits[:-1].argmax(-1) == labels).float().mean(dim=1)
+
+
+def _step_plan(phase: Phase, steps_per_epoch: int) -> list[int]:
+    """Which of the phase's steps each batch runs: blocks of ``block_batches``, in order."""
+    total = phase.epochs * steps_per_epoch
+    return [(t // max(1, phase.block_batches)) % len(phase.steps) for t in range(total)]
+
+
+def _run_phase(
     network: EarlyExitNetwork,
-    objective: Objective,
+    phase: Phase,
     train: CachedSplit | AugmentedFeatures,
     val: CachedSplit,
     settings: ExitTraining,
     device: torch.device,
     seed: int,
-) -> dict[str, list]:
-    num_gates = network.num_gates
-    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-    optimizer, schedule = settings.optimizer.build(
-        network.ims.parameters(), settings.warmup_epochs * steps_per_epoch
-    )
-    active = torch.ones(num_gates, dtype=torch.bool)
-    best_acc = torch.full((num_gates,), -1.0)
-    best_states = [copy.deepcopy(im.state_dict()) for im in network.ims]
-    waited = torch.zeros(num_gates, dtype=torch.long)
-    history: dict[str, list] = {"loss": [], "val_accuracy": []}
-    for epoch in range(settings.warmup_epochs):
-        features = train.for_epoch(epoch)
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
-        total = 0.0
-        for start in tqdm(range(0, len(features), settings.batch_size), desc=f"warm-up {epoch}", leave=False):
-            pooled, final, labels = features.batch(order[start : start + settings.batch_size], device)
-            out = network.from_pooled(pooled, final)
-            loss = objective.warmup_loss(out.logits[:-1], labels, active.to(device))
-            _step(optimizer, schedule, _check_finite(loss, "IM warm-up", "trainer.exits.optimizer.lr"))
-            total += loss.item()
-        accuracy = (exit_outputs(network, val, device).logits[:-1].argmax(-1) == val.labels).float().mean(dim=1)
-        improved = accuracy > best_acc
-        for index in improved.nonzero().flatten().tolist():
-            best_states[index] = copy.deepcopy(network.ims[index].state_dict())
-        best_acc = torch.where(improved, accuracy, best_acc)
-        waited = torch.where(improved, torch.zeros_like(waited), waited + 1)
-        active &= waited < settings.warmup_patience
-        history["loss"].append(total / steps_per_epoch)
-        history["val_accuracy"].append(accuracy.tolist())
-        if not active.any():
-            break
-    for im, state in zip(network.ims, best_states):
-        im.load_state_dict(state)
+    epoch_base: int,
+    log_epoch: Callable[[str, int, dict[str, float | None], ExitOutputs], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    history: list[dict[str, Any]] = []
+    if phase.on_start is not None:
+        phase.on_start(exit_outputs(network, val, device), val.labels)
+    if phase.steps:
+        steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+        plan = _step_plan(phase, steps_per_epoch)
+        factory = phase.optimizer or settings.optimizer
+        optimizers = []
+        for index, step in enumerate(phase.steps):
+            if not step.parameters:
+                raise ValueError(f"objective phase {phase.name!r}, step {step.name!r}: it trains no parameter")
+            optimizers.append(factory.build(step.parameters, plan.count(index)))
+        for epoch in range(phase.epochs):
+            features = train.for_epoch(epoch_base + epoch)
+            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
+            losses: dict[str, list[float]] = {step.name: [] for step in phase.steps}
+            starts = range(0, len(features), settings.batch_size)
+            for batch_number, start in enumerate(tqdm(starts, desc=f"{phase.name} {epoch}", leave=False)):
+                index = plan[epoch * steps_per_epoch + batch_number]
+                step = phase.steps[index]
+                pooled, final, labels = features.batch(order[start : start + settings.batch_size], device)
+                batch = TrainBatch(pooled, final, labels, network.from_pooled(pooled, final))
+                loss = _check_finite(step.loss(batch), f"{phase.name} phase ({step.name})", "trainer.exits.optimizer.lr")
+                _step(*optimizers[index], loss)
+                losses[step.name].append(loss.item())
+            val_outputs = exit_outputs(network, val, device)
+            mean_losses = {name: sum(v) / len(v) if v else None for name, v in losses.items()}
+            history.append(log_epoch(phase.name, epoch, mean_losses, val_outputs))
+            if phase.on_epoch_end is not None and phase.on_epoch_end(epoch, val_outputs, val.labels):
+                break
+    if phase.on_end is not None:
+        phase.on_end()
     return history
-
-
-def _phase_plan(settings: ExitTraining, steps_per_epoch: int) -> list[str]:
-    """The phase of every alternation step: blocks of ``phase_batches``, gates first."""
-    total = settings.epochs * steps_per_epoch
-    return ["gates" if (step // settings.phase_batches) % 2 == 0 else "ims" for step in range(total)]
 
 
 def fit_exits(
@@ -219,41 +260,37 @@ def fit_exits(
     device: torch.device,
     seed: int,
 ) -> dict[str, Any]:
-    """Stage 2 from cached features: IM warm-up, then alternating gate and IM phases."""
+    """Stage 2: run the objective's phases over the training features, then fit the exit policy
+    on the validation split. Returns the per-epoch history of every phase."""
     with cpu_threads(device, 1):  # IMs and gates are tiny ops, where CPU threading only costs
         network.to(device)
         network.backbone.freeze()
         costs = costs.to(device=device, dtype=torch.float32)
-        history: dict[str, Any] = {"warmup": _warmup(network, objective, train, val, settings, device, seed)}
 
-        steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-        plan = _phase_plan(settings, steps_per_epoch)
-        params = network.exit_parameters()
-        optimizers = {
-            phase: settings.optimizer.build(params[phase], plan.count(phase)) for phase in ("gates", "ims")
-        }
-        val_out = exit_outputs(network, val, device)
-        objective.update_from_validation(val_out.logits, val.labels, costs.cpu())
-        history["alternation"] = []
-        for epoch in range(settings.epochs):
-            features = train.for_epoch(settings.warmup_epochs + epoch)
-            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + 1000 + epoch))
-            losses: dict[str, list[float]] = {"gates": [], "ims": []}
-            for step, start in enumerate(
-                tqdm(range(0, len(features), settings.batch_size), desc=f"alternation {epoch}", leave=False)
-            ):
-                phase = plan[epoch * steps_per_epoch + step]
-                pooled, final, labels = features.batch(order[start : start + settings.batch_size], device)
-                out = network.from_pooled(pooled, final)
-                if phase == "gates":
-                    loss = objective.gate_loss(out.logits, out.gate_logits, labels, costs)
-                else:
-                    loss = objective.im_loss(out.logits[:-1], out.gate_logits, labels)
-                _step(*optimizers[phase], _check_finite(loss, f"{phase} phase", "trainer.exits.optimizer.lr"))
-                losses[phase].append(loss.item())
-            val_out = exit_outputs(network, val, device)
-            objective.update_from_validation(val_out.logits, val.labels, costs.cpu())
-            summary = {phase: sum(v) / len(v) if v else None for phase, v in losses.items()}
-            history["alternation"].append(summary)
-            log.info("alternation epoch %d: %s", epoch, summary)
+        def log_epoch(phase: str, epoch: int, losses: dict[str, float | None], outputs: ExitOutputs) -> dict[str, Any]:
+            exits = network.policy.decide(outputs)
+            predicted = outputs.logits.argmax(-1).gather(0, exits.view(1, -1))[0]
+            row = {
+                "phase": phase,
+                "epoch": epoch,
+                **{f"loss_{name}": value for name, value in losses.items()},
+                "val_accuracy": (predicted == val.labels).double().mean().item(),
+                "val_expected_cost": costs.cpu().double()[exits].mean().item(),
+                "val_im_accuracy": per_exit_accuracy(outputs, val.labels).tolist(),
+            }
+            log.info(
+                "%s epoch %d: %s, val accuracy %.4f at expected cost %.3f",
+                phase, epoch, ", ".join(f"{k} loss {v:.4f}" for k, v in losses.items() if v is not None),
+                row["val_accuracy"], row["val_expected_cost"],
+            )
+            return row
+
+        history: dict[str, Any] = {}
+        epoch_base = 0
+        for number, phase in enumerate(objective.phases(network, settings, costs)):
+            history[phase.name] = _run_phase(
+                network, phase, train, val, settings, device, seed + 1000 * number, epoch_base, log_epoch
+            )
+            epoch_base += phase.epochs
+        network.policy.fit(exit_outputs(network, val, device), val.labels, costs.cpu())
         return history

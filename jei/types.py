@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, Protocol
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 ExitKind = Literal["map", "tokens", "vector"]
 
@@ -53,6 +55,10 @@ class ExitOutputs:
     gate_logits: Tensor
 
     @property
+    def num_exits(self) -> int:
+        return self.logits.shape[0]
+
+    @property
     def num_gates(self) -> int:
         return self.gate_logits.shape[-1]
 
@@ -65,13 +71,92 @@ class EarlyExitResult:
     exit_index: Tensor  # [B], in 0..G
 
 
+class ExitPolicy(Protocol):
+    """The exit rule: turns each exit's outputs into "leave here or go on" (see ``jei.policies``).
+
+    The same object drives the all-exits evaluation (``decide``) and real early exit
+    (``begin``/``step``/``select``, one exit at a time, on the samples still running); the two
+    give the same exits (property-tested for every built-in policy).
+    """
+
+    uses_gates: bool  # whether decisions read the gates (False: the gates may stay untrained)
+
+    def decide(self, outputs: ExitOutputs) -> Tensor:
+        """``[B]`` exit index in 0..G for every sample of an all-exits pass."""
+        ...
+
+    def begin(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
+        """Streaming state for a new batch: tensors whose first dimension is the batch."""
+        ...
+
+    def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """At intermediate exit ``index``: ``(leaving [B] bool, next state)``."""
+        ...
+
+    def fit(self, outputs: ExitOutputs, labels: Tensor, costs: Tensor) -> None:
+        """Choose data-dependent settings (thresholds) on the validation split; may do nothing."""
+        ...
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+@dataclass
+class TrainBatch:
+    """One training batch as a loss sees it: cached inputs, labels and the exits' outputs."""
+
+    pooled: list[Tensor]
+    final_logits: Tensor
+    labels: Tensor
+    outputs: ExitOutputs
+
+
+class OptimizerFactory(Protocol):
+    def build(self, params: Iterable[nn.Parameter], total_steps: int) -> tuple[torch.optim.Optimizer, Any]: ...
+
+
+@dataclass
+class Step:
+    """One kind of optimisation step of a phase: which parameters, which loss."""
+
+    name: str
+    parameters: list[nn.Parameter]
+    loss: Callable[[TrainBatch], Tensor]
+
+
+@dataclass
+class Phase:
+    """A stretch of training that an objective asks the trainer to run.
+
+    The trainer runs ``epochs`` epochs over the training features; batch t uses
+    ``steps[(t // block_batches) % len(steps)]`` (one step: every batch), each step with its own
+    optimiser. After every epoch the validation outputs go to ``on_epoch_end``, which may stop
+    the phase by returning True. A phase with no steps trains nothing (only its hooks run).
+    """
+
+    name: str
+    epochs: int
+    steps: list[Step]
+    optimizer: OptimizerFactory | None = None
+    block_batches: int = 1
+    on_start: Callable[[ExitOutputs, Tensor], None] | None = None  # (val outputs, val labels)
+    on_epoch_end: Callable[[int, ExitOutputs, Tensor], bool] | None = None
+    on_end: Callable[[], None] | None = None
+
+
 class Objective(Protocol):
-    """What the exit trainer asks of an objective plugin (see ``jei.objectives.jei``)."""
+    """What the exit trainer asks of a method's plugin (see ``jei.objectives``).
 
-    def warmup_loss(self, im_logits: Tensor, labels: Tensor, active: Tensor | None = None) -> Tensor: ...
+    An objective owns its schedule (``phases``) and losses; its state (class weights,
+    meta-network weights) is saved with the run and reloaded with it.
+    """
 
-    def gate_loss(self, exit_logits: Tensor, gate_logits: Tensor, labels: Tensor, costs: Tensor) -> Tensor: ...
+    default_policy: str  # the exit policy this method is meant to run with (``jei.registry.POLICIES``)
+    ensemble_decay: float  # > 0: exit l predicts out_l + decay * F_{l-1} (BoostedNet); 0: plain IMs
 
-    def im_loss(self, im_logits: Tensor, gate_logits: Tensor, labels: Tensor) -> Tensor: ...
+    def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]: ...
 
-    def update_from_validation(self, exit_logits: Tensor, labels: Tensor, costs: Tensor) -> None: ...
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...

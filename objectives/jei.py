@@ -1,18 +1,20 @@
 """The JEI-DNN bi-level objective (Regol, Chataoui, Coates, ICLR 2024, §4).
 
-Three losses, used by the trainer in this order: a warm-up of the IMs, then phases that
+Its schedule (``phases``): a warm-up of the IMs with per-IM early stopping, then phases that
 alternate between the gates (phi, IMs fixed) and the IMs (theta, gates fixed).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from jei.exits import POS_WEIGHT_RULES, exit_probabilities, gate_targets, oracle_exit, per_exit_losses, positive_class_weights
+from jei.train import PerExitBest, per_exit_accuracy
+from jei.types import ExitOutputs, Phase, Step, TrainBatch
 
 ImWeighting = Literal["paper", "uniform"]
 
@@ -32,7 +34,8 @@ class JEIObjective:
             ``"exit_share"`` (the authors' code); see ``jei.exits.positive_class_weights``.
     """
 
-    trains_gates = True
+    default_policy = "jei"
+    ensemble_decay = 0.0
 
     def __init__(
         self,
@@ -97,3 +100,42 @@ class JEIObjective:
         num_gates = exit_logits.shape[0] - 1
         best = self.best_exits(exit_logits, labels, costs)
         self.pos_weight = positive_class_weights(best.cpu(), num_gates, self.pos_weight_cap, self.pos_weight_rule)
+
+    def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
+        """Warm-up (``schedule.warmup_epochs``, early stopping per IM on validation accuracy with
+        ``schedule.warmup_patience``), then ``schedule.epochs`` of gate/IM phases of
+        ``schedule.phase_batches`` batches each, gates first (paper §4.3)."""
+        best = PerExitBest(list(network.ims), schedule.warmup_patience)
+
+        def warmup(batch: TrainBatch) -> Tensor:
+            return self.warmup_loss(batch.outputs.logits[:-1], batch.labels, best.active.to(batch.labels.device))
+
+        def gates(batch: TrainBatch) -> Tensor:
+            return self.gate_loss(batch.outputs.logits, batch.outputs.gate_logits, batch.labels, costs)
+
+        def ims(batch: TrainBatch) -> Tensor:
+            return self.im_loss(batch.outputs.logits[:-1], batch.outputs.gate_logits, batch.labels)
+
+        def reweigh(outputs: ExitOutputs, labels: Tensor) -> None:
+            self.update_from_validation(outputs.logits, labels, costs.cpu())
+
+        return [
+            Phase(
+                "warmup", schedule.warmup_epochs, [Step("ims", list(network.ims.parameters()), warmup)],
+                on_epoch_end=lambda epoch, outputs, labels: best.update(per_exit_accuracy(outputs, labels)),
+                on_end=best.restore,
+            ),
+            Phase(
+                "alternation", schedule.epochs,
+                [Step("gates", list(network.gates.parameters()), gates), Step("ims", list(network.ims.parameters()), ims)],
+                block_batches=schedule.phase_batches,
+                on_start=reweigh,
+                on_epoch_end=lambda epoch, outputs, labels: reweigh(outputs, labels) or False,
+            ),
+        ]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self.pos_weight is None else {"pos_weight": self.pos_weight.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.pos_weight = state.get("pos_weight")

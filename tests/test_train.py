@@ -55,7 +55,7 @@ def test_nan_features_stop_training_with_the_field_to_change():
     split = compute_split(network, toy_data(), "train", 64, torch.device("cpu"))
     broken = CachedSplit([p.clone() for p in split.pooled], split.final_logits, split.labels)
     broken.pooled[1][3] = float("nan")
-    with pytest.raises(FloatingPointError, match="IM warm-up.*trainer.exits.optimizer.lr"):
+    with pytest.raises(FloatingPointError, match="warmup phase.*trainer.exits.optimizer.lr"):
         fit_exits(network, JEIObjective(0.1), broken, split, torch.tensor([0.3, 0.6, 0.8, 1.0]), SETTINGS,
                   torch.device("cpu"), 0)
 
@@ -64,3 +64,27 @@ def test_nan_features_stop_training_with_the_field_to_change():
 def test_invalid_exit_training_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"trainer.exits.{field}"):
         ExitTraining(**kwargs)
+
+
+def test_jei_schedule_reproduces_the_pre_seam_trainer():
+    """The values below were produced by the trainer before the phase runner existed (commit
+    e291538, which hard-coded JEI's warm-up and alternation), on this exact seeded run: moving the
+    schedule into ``objectives/jei.py`` must not change JEI's results."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(96) % 3
+    inputs = torch.randn(96, 1, 8, 8, generator=generator) * 0.8 + 0.7 * labels.view(-1, 1, 1, 1).float()
+    order = torch.randperm(96, generator=generator)
+    train_split, val_split = TensorSplit(inputs[order[:64]], labels[order[:64]]), TensorSplit(inputs[order[64:]], labels[order[64:]])
+    data = TensorDataSplits({"train": train_split, "val": val_split, "cal": val_split, "test": val_split}, 5)
+    network = tiny_network(0, gate_init=False)
+    train = compute_split(network, data, "train", 64, torch.device("cpu"))
+    val = compute_split(network, data, "val", 64, torch.device("cpu"))
+    schedule = ExitTraining(batch_size=16, warmup_epochs=6, warmup_patience=2, epochs=3, phase_batches=3,
+                            optimizer=OptimizerSettings("sgd", 0.05, 1e-3, 0.9, 5e-4))
+    objective = JEIObjective(0.3)
+    fit_exits(network, objective, train, val, torch.tensor([0.3, 0.6, 0.8, 1.0]), schedule, torch.device("cpu"), 7)
+    out = exit_outputs(network, val, torch.device("cpu"))
+    assert out.logits.double().sum().item() == pytest.approx(-71.8673924356699, abs=1e-4)
+    assert out.gate_logits.double().sum().item() == pytest.approx(-27.770183488726616, abs=1e-4)
+    torch.testing.assert_close(out.gate_logits[0], torch.tensor([-1.3766593933105469, 0.711925745010376, -0.2012033760547638]))
+    torch.testing.assert_close(objective.pos_weight, torch.tensor([0.523809552192688, 0.0, 0.0]))
