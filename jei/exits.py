@@ -30,6 +30,14 @@ def _gates_before(gate_probs: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(running[..., :1]), running[..., :-1]], dim=-1)
 
 
+def product_exit_probabilities(gate_probs: Tensor) -> Tensor:
+    """Product-form exit probabilities (Scardapane et al. 2020), ``[..., G]`` -> ``[..., G+1]``:
+    P(exit l) = g_l * prod_{k<l} (1 - g_k), and the backbone head takes prod_k (1 - g_k)."""
+    survive = torch.cumprod(1.0 - gate_probs, dim=-1)
+    before = torch.cat([torch.ones_like(survive[..., :1]), survive[..., :-1]], dim=-1)
+    return torch.cat([gate_probs * before, survive[..., -1:]], dim=-1)
+
+
 def exit_step(gate_prob: Tensor, used: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One streaming step at an intermediate exit.
 

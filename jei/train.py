@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from jei.data.base import DataSplits
+from jei.exits import per_exit_losses
 from jei.features import AugmentedFeatures, CachedSplit, cpu_threads, to_device
 from jei.model import EarlyExitNetwork
 from jei.types import ExitOutputs, Objective, Phase, TrainBatch
@@ -196,6 +197,11 @@ class PerExitBest:
 def per_exit_accuracy(outputs: ExitOutputs, labels: Tensor) -> Tensor:
     """``[G]`` accuracy of every intermediate exit on all samples."""
     return (outputs.logits[:-1].argmax(-1) == labels).float().mean(dim=1)
+
+
+def per_exit_val_loss(outputs: ExitOutputs, labels: Tensor) -> Tensor:
+    """``[G]`` mean cross-entropy of every intermediate exit on all samples."""
+    return per_exit_losses(outputs.logits[:-1], labels).mean(dim=0)
 
 
 def _step_plan(phase: Phase, steps_per_epoch: int) -> list[int]:

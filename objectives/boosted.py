@@ -1,0 +1,56 @@
+"""BoostedNet (Yu et al., "Boosted Dynamic Neural Networks", AAAI 2023).
+
+Exit s predicts the ensemble F_s = out_s + decay * F_{s-1} (F_{-1} = 0; the backbone head joins
+as the last stage), so every exit corrects the ones before it. Each IM is trained against the
+detached previous ensemble: loss = sum_s CE(out_s + detach(decay * F_{s-1}), y). The network
+computes F_s in both the all-exits pass and real early exit (``ensemble_decay``); exits by a
+max-prob threshold on softmax(F_s).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from jei.exits import per_exit_losses
+from jei.train import PerExitBest, per_exit_val_loss
+from jei.types import Phase, Step, TrainBatch
+
+
+class BoostedObjective:
+    """Args:
+        decay: the weight of the previous ensemble (0.5 in the paper); > 0.
+
+    Schedule: one phase of ``warmup_epochs + epochs``; the IMs are kept together at their best
+    epoch by mean validation loss (each exit depends on the earlier IMs), patience
+    ``warmup_patience``.
+    """
+
+    default_policy = "max_prob"
+
+    def __init__(self, decay: float = 0.5) -> None:
+        if not decay > 0:
+            raise ValueError(f"objective.decay must be > 0, got {decay}")
+        self.ensemble_decay = float(decay)
+
+    def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
+        best = PerExitBest([network.ims], schedule.warmup_patience)
+
+        def loss(batch: TrainBatch) -> Tensor:
+            # The network already detaches F_{s-1} inside F_s: the gradient reaches IM s only.
+            return per_exit_losses(batch.outputs.logits[:-1], batch.labels).mean(dim=0).sum()
+
+        return [
+            Phase(
+                "ims", schedule.warmup_epochs + schedule.epochs, [Step("ims", list(network.ims.parameters()), loss)],
+                on_epoch_end=lambda epoch, outputs, labels: best.update(-per_exit_val_loss(outputs, labels).mean().view(1)),
+                on_end=best.restore,
+            )
+        ]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        return None

@@ -1,0 +1,74 @@
+"""Shallow-Deep Networks (Kaya et al., ICML 2019): IMs trained without gates, exits by confidence.
+
+On a frozen backbone the IMs are independent, so SDN's weighted cross-entropy trains each IM on
+its own; each keeps its best weights by validation loss (early stopping per IM), so the IMs end
+near convergence. The thresholds are the exit policy's business (``max_prob`` by default;
+``entropy``, ``budgeted``, ``penalized`` and ``patience`` run on the same IMs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jei.exits import per_exit_losses
+from jei.train import PerExitBest, per_exit_val_loss
+from jei.types import Phase, Step, TrainBatch
+
+WEIGHTINGS = ("uniform", "early", "depth")
+
+
+def exit_weights(weighting: str, costs: Tensor) -> Tensor:
+    """Per-IM loss weights, normalised to sum to one: ``uniform``; ``early`` (G + 1 - l, JEI's
+    warm-up); ``depth`` (proportional to the exit's cost, SDN's weights grow with depth)."""
+    num_gates = len(costs) - 1
+    if weighting == "uniform":
+        weights = torch.ones(num_gates)
+    elif weighting == "early":
+        weights = torch.arange(num_gates + 1, 1, -1, dtype=torch.float32)
+    else:
+        weights = costs[:-1].float().cpu()
+    return weights / weights.sum()
+
+
+class SDNObjective:
+    """Weighted cross-entropy over the IMs; no gate is trained.
+
+    Args:
+        weighting: ``"uniform"``, ``"early"`` or ``"depth"`` (see ``exit_weights``).
+
+    Schedule: one phase of ``warmup_epochs + epochs`` (the trainer's budget), early stopping
+    per IM on validation loss with patience ``warmup_patience``.
+    """
+
+    default_policy = "max_prob"
+    ensemble_decay = 0.0
+
+    def __init__(self, weighting: str = "uniform") -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"objective.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
+
+    def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
+        weights = exit_weights(self.weighting, costs).to(costs.device)
+        best = PerExitBest(list(network.ims), schedule.warmup_patience)
+
+        def loss(batch: TrainBatch) -> Tensor:
+            losses = per_exit_losses(batch.outputs.logits[:-1], batch.labels).mean(dim=0)  # [G]
+            return (weights * best.active.to(weights) * losses).sum() * len(weights)
+
+        return [
+            Phase(
+                "ims", schedule.warmup_epochs + schedule.epochs, [Step("ims", list(network.ims.parameters()), loss)],
+                on_epoch_end=lambda epoch, outputs, labels: best.update(-per_exit_val_loss(outputs, labels)),
+                on_end=best.restore,
+            )
+        ]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        return None
