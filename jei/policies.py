@@ -202,6 +202,7 @@ class BudgetedThreshold(ConfidenceThreshold):
         super().__init__(score, float("inf"))  # nobody leaves early until fitted
         self.q = float(q)
 
+    @torch.no_grad()
     def fit(self, outputs: ExitOutputs, labels: Tensor, costs: Tensor) -> None:
         scores = torch.stack([confidence(z, self.score) for z in outputs.logits[:-1]]).cpu()
         self.thresholds = budgeted_thresholds(scores, budget_fractions(self.q, outputs.num_exits))
@@ -237,6 +238,7 @@ class PenalizedThreshold(ConfidenceThreshold):
         self.candidates = candidates
         self.sweeps = sweeps
 
+    @torch.no_grad()
     def fit(self, outputs: ExitOutputs, labels: Tensor, costs: Tensor) -> None:
         scores = torch.stack([confidence(z, self.score) for z in outputs.logits[:-1]]).cpu()
         correct = (outputs.logits.argmax(-1).cpu() == labels.cpu().unsqueeze(0))
