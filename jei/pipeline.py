@@ -125,6 +125,42 @@ def save_exit_logits(network: EarlyExitNetwork, splits: dict[str, CachedSplit], 
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
+def prepare(
+    data: DataSplits,
+    backbone: torch.nn.Module,
+    make_network: Callable[[torch.nn.Module], EarlyExitNetwork],
+    settings: RunSettings,
+    output_dir: Path,
+) -> tuple[EarlyExitNetwork, ExitCosts, dict[str, CachedSplit], CachedSplit | AugmentedFeatures, Any]:
+    """Everything before exit training: the backbone stage (when needed, saved to
+    ``output_dir``), freezing, the network, its exit costs and every split's features."""
+    device = settings.device
+    backbone.to(device)
+    backbone_history = None
+    if settings.train_backbone:
+        backbone_history = fit_backbone(backbone, data, settings.backbone_training, device, settings.seed)
+        save_state(backbone, Path(output_dir) / "backbone.safetensors")
+    backbone.freeze()
+
+    network = make_network(backbone).to(device)
+    example, _ = next(iter(data.batches("test", 8)))
+    costs = measure_exit_costs(network, to_device(example, device))
+    log.info("exit costs (normalised): %s", [round(c, 4) for c in costs.normalized.tolist()])
+
+    def features(split: str) -> CachedSplit:
+        return cached_split(
+            network, data, split, settings.eval_batch_size, device, settings.feature_cache_dir, settings.data_fingerprint
+        )
+
+    splits = {split: features(split) for split in ("val", "cal", "test")}
+    train_features = (
+        AugmentedFeatures(network, data, settings.eval_batch_size, device, settings.seed)
+        if settings.exit_training.augment  # a fresh augmented pass per epoch instead of the cache
+        else features("train")
+    )
+    return network, costs, splits, train_features, backbone_history
+
+
 def run_experiment(
     data: DataSplits,
     backbone: torch.nn.Module,
@@ -140,32 +176,10 @@ def run_experiment(
     """
     output_dir = Path(output_dir)
     device = settings.device
-    backbone.to(device)
     history: dict[str, Any] = {}
-    if settings.train_backbone:
-        history["backbone"] = fit_backbone(backbone, data, settings.backbone_training, device, settings.seed)
-        save_state(backbone, output_dir / "backbone.safetensors")
-    backbone.freeze()
-
-    network = make_network(backbone).to(device)
-    example, _ = next(iter(data.batches("test", 8)))
-    costs = measure_exit_costs(network, to_device(example, device))
-    log.info("exit costs (normalised): %s", [round(c, 4) for c in costs.normalized.tolist()])
-
-    splits: dict[str, CachedSplit] = {
-        split: cached_split(
-            network, data, split, settings.eval_batch_size, device, settings.feature_cache_dir, settings.data_fingerprint
-        )
-        for split in ("val", "cal", "test")
-    }
-    train_features = (
-        AugmentedFeatures(network, data, settings.eval_batch_size, device, settings.seed)
-        if settings.exit_training.augment  # a fresh augmented pass per epoch instead of the cache
-        else cached_split(
-            network, data, "train", settings.eval_batch_size, device, settings.feature_cache_dir,
-            settings.data_fingerprint,
-        )
-    )
+    network, costs, splits, train_features, backbone_history = prepare(data, backbone, make_network, settings, output_dir)
+    if backbone_history is not None:
+        history["backbone"] = backbone_history
     history["exits"] = fit_exits(
         network, objective, train_features, splits["val"], costs.normalized.float(), settings.exit_training,
         device, settings.seed,

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from jei.io import atomic_path  # noqa: E402
 
 
-def _save(figure: Any, path: Path) -> None:
+def save_figure(figure: Any, path: Path) -> None:
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
@@ -28,7 +28,7 @@ def plot_exit_histogram(metrics: dict[str, Any], path: Path) -> None:
     axis.set_xlabel("exit (last = backbone head)")
     axis.set_ylabel("test samples (%)")
     axis.set_title(f"Where samples exit (accuracy {100 * metrics['accuracy']:.1f}%, cost {metrics['expected_cost']:.2f})")
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_accuracy_cost(metrics: dict[str, Any], path: Path) -> None:
@@ -49,7 +49,7 @@ def plot_accuracy_cost(metrics: dict[str, Any], path: Path) -> None:
     right.set_xlabel("exit")
     right.set_ylabel("cumulative cost (fraction of full path)")
     right.legend(fontsize=8)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_reliability(calibration: dict[str, Any], path: Path) -> None:
@@ -67,4 +67,4 @@ def plot_reliability(calibration: dict[str, Any], path: Path) -> None:
     axis.set_ylabel("accuracy")
     axis.set_title(f"ECE {100 * calibration['ece_gated_equal_width']:.2f}% ({len(centers)} equal-width bins)")
     axis.legend(fontsize=8, loc="upper left")
-    _save(figure, path)
+    save_figure(figure, path)

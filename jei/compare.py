@@ -1,0 +1,355 @@
+"""``jei-compare``: every method on one frozen backbone, one feature cache, one set of splits.
+
+Each method is an objective (how IMs and gates are trained) and an exit policy (how samples
+leave), with one knob swept: an objective knob (``cost_weight``) retrains the exits per value;
+a policy knob (threshold, q, patience) re-fits the policy on the validation split of one
+trained model. Thresholds and budgets are chosen on validation, never on test; test numbers
+come from the all-exits pass, which equals real early exit (tested for every policy).
+
+Files in the output directory: ``compare.json``, ``compare.md``, ``compare.png``, and
+``trained/`` + ``points/`` (one file per trained model and per point, so a re-run recomputes
+nothing that is finished).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from jei.calibrate import ConformalSettings, Scored, calibration_folds, conformal_metrics
+from jei.conformal import expected_calibration_error
+from jei.features import CachedSplit
+from jei.io import atomic_write, write_json
+from jei.model import EarlyExitNetwork
+from jei.pipeline import RunSettings, exits_state, seed_everything
+from jei.registry import OBJECTIVES, POLICIES
+from jei.train import exit_outputs, fit_exits
+from jei.types import ExitOutputs
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "cal", "test")
+
+
+@dataclass
+class Method:
+    """One method of the comparison: objective and policy settings, and the knob to sweep.
+
+    ``sweep`` is ``{"group": "objective" | "policy", "key": <argument>, "values": [...]}``.
+    """
+
+    name: str
+    objective: dict[str, Any]
+    policy: dict[str, Any]
+    sweep: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        group = self.sweep.get("group")
+        if group not in ("objective", "policy"):
+            raise ValueError(f"methods.{self.name}.sweep.group must be 'objective' or 'policy', got {group!r}")
+        if not self.sweep.get("key") or not self.sweep.get("values"):
+            raise ValueError(f"methods.{self.name}.sweep needs a key and a non-empty list of values")
+        if "name" not in self.objective or "name" not in self.policy:
+            raise ValueError(f"methods.{self.name}: objective.name and policy.name are required")
+        OBJECTIVES.get(self.objective["name"])  # unknown names fail now, listing the known ones
+        POLICIES.get(self.policy["name"])
+
+    def settings(self, knob: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(objective kwargs, policy kwargs) with the knob set."""
+        objective = {k: v for k, v in self.objective.items() if k != "name"}
+        policy = {k: v for k, v in self.policy.items() if k != "name"}
+        (objective if self.sweep["group"] == "objective" else policy)[self.sweep["key"]] = knob
+        return objective, policy
+
+
+@dataclass
+class Trained:
+    """A trained model's exit outputs on every split (what every point is computed from)."""
+
+    outputs: dict[str, ExitOutputs]
+    labels: dict[str, Tensor]
+
+    def save(self, path: Path, state: dict[str, Tensor]) -> None:
+        tensors = {f"state.{k}": v for k, v in state.items()}
+        for split, out in self.outputs.items():
+            tensors[f"{split}.logits"] = out.logits.float().contiguous()
+            tensors[f"{split}.gate_logits"] = out.gate_logits.float().contiguous()
+            tensors[f"{split}.labels"] = self.labels[split].contiguous()
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+    @classmethod
+    def load(cls, path: Path) -> Trained:
+        tensors = load_file(str(path))
+        return cls(
+            {s: ExitOutputs(tensors[f"{s}.logits"], tensors[f"{s}.gate_logits"]) for s in SPLITS},
+            {s: tensors[f"{s}.labels"] for s in SPLITS},
+        )
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _label(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def point_metrics(
+    policy: Any, trained: Trained, costs: Tensor, conformal: ConformalSettings, alpha: float, seed: int
+) -> dict[str, Any]:
+    """Test accuracy, expected cost, ECE, exit fractions and per-exit conformal coverage of a
+    fitted policy; calibration on ``cal`` (or test halves), as ``jei-train`` does."""
+    test, labels = trained.outputs["test"], trained.labels["test"]
+    num_exits = test.num_exits
+    exits = policy.decide(test)
+    logits = test.logits.gather(0, exits.view(1, -1, 1).expand(1, -1, test.logits.shape[-1]))[0]
+    probs = torch.softmax(logits.double(), dim=-1)
+    correct = probs.argmax(-1) == labels
+    cal_out = trained.outputs["cal"]
+    cal_exits = policy.decide(cal_out)
+    cal_logits = cal_out.logits.gather(0, cal_exits.view(1, -1, 1).expand(1, -1, cal_out.logits.shape[-1]))[0]
+    cal = Scored(torch.softmax(cal_logits.double(), dim=-1), trained.labels["cal"], cal_exits)
+    folds = calibration_folds(cal, Scored(probs, labels, exits), conformal.calibrate_on, seed)
+    one_alpha = ConformalSettings(**{**conformal.__dict__, "alphas": [alpha]})
+    sets = conformal_metrics(folds, Scored(probs, labels, exits), num_exits, one_alpha)["results"][0]["per_exit"]
+    return {
+        "accuracy": correct.double().mean().item(),
+        "expected_cost": costs.double()[exits].mean().item(),
+        "ece": expected_calibration_error(probs, labels, conformal.n_bins, "equal_mass"),
+        "exit_fractions": (torch.bincount(exits, minlength=num_exits).double() / len(labels)).tolist(),
+        "per_exit_coverage": sets["per_exit_coverage"],
+        "coverage": sets["coverage"],
+        "alpha": alpha,
+    }
+
+
+def validation_cost(policy: Any, trained: Trained, costs: Tensor) -> float:
+    policy.fit(trained.outputs["val"], trained.labels["val"], costs)
+    return costs.double()[policy.decide(trained.outputs["val"])].mean().item()
+
+
+def oracle_points(trained: Trained, costs: Tensor, grid: list[float]) -> list[dict[str, float]]:
+    """Upper bounds on test: every sample at its earliest correct exit (the head if none), and
+    the budgeted oracle: a mean cost spent on the samples that can be made correct, cheapest
+    first (the others leave at exit 0)."""
+    test, labels = trained.outputs["test"], trained.labels["test"]
+    correct = test.logits.argmax(-1) == labels  # [G+1, N]
+    costs = costs.double()
+    any_correct = correct.any(dim=0)
+    earliest = torch.where(any_correct, correct.to(torch.uint8).argmax(dim=0), torch.full_like(labels, len(costs) - 1))
+    points = [{
+        "kind": "earliest_correct", "accuracy": any_correct.double().mean().item(),
+        "expected_cost": costs[earliest].mean().item(),
+    }]
+    n = len(labels)
+    extra = (costs[earliest] - costs[0])[any_correct].sort().values  # cost of making each correct
+    spent = torch.cumsum(extra, dim=0) / n
+    for budget in grid:
+        affordable = int((spent <= budget - costs[0] + 1e-12).sum())
+        points.append({"kind": "budgeted", "expected_cost": budget, "accuracy": affordable / n})
+    return points
+
+
+def interpolate(points: list[dict[str, Any]], cost: float) -> float | None:
+    """Accuracy of a method's curve at ``cost``, linear between its points sorted by cost; None
+    outside the range its points cover."""
+    curve = sorted((p["expected_cost"], p["accuracy"]) for p in points)
+    if not curve or cost < curve[0][0] - 1e-9 or cost > curve[-1][0] + 1e-9:
+        return None
+    for (c0, a0), (c1, a1) in zip(curve, curve[1:]):
+        if c0 <= cost <= c1:
+            return a0 if c1 == c0 else a0 + (a1 - a0) * (cost - c0) / (c1 - c0)
+    return curve[0][1]
+
+
+def matched_table(points: list[dict[str, Any]], costs: list[float], reference: str) -> list[dict[str, Any]]:
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        by_method.setdefault(point["method"], []).append(point)
+    rows = []
+    for cost in costs:
+        base = interpolate(by_method.get(reference, []), cost)
+        for method, curve in by_method.items():
+            accuracy = interpolate(curve, cost)
+            delta = None if accuracy is None or base is None else accuracy - base
+            rows.append({"cost": cost, "method": method, "accuracy": accuracy, "delta_vs_threshold": delta})
+    return rows
+
+
+def _percent(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def markdown(result: dict[str, Any], reference: str) -> str:
+    methods = list(dict.fromkeys(p["method"] for p in result["points"]))
+    costs = list(dict.fromkeys(row["cost"] for row in result["matched"]))
+    cell = {(row["cost"], row["method"]): row for row in result["matched"]}
+    lines = [
+        f"Test accuracy (%) at matched expected cost; in brackets, the difference to `{reference}` (points).",
+        "",
+        "| method | " + " | ".join(f"cost {c:g}" for c in costs) + " |",
+        "| --- |" + " --- |" * len(costs),
+    ]
+    for method in methods:
+        cells = []
+        for cost in costs:
+            row = cell[(cost, method)]
+            text = _percent(row["accuracy"])
+            if method != reference and row["delta_vs_threshold"] is not None:
+                text += f" ({_percent(row['delta_vs_threshold'], signed=True)})"
+            cells.append(text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    oracle = {round(p["expected_cost"], 6): p["accuracy"] for p in result["oracle"] if p["kind"] == "budgeted"}
+    lines.append("| oracle (budgeted) | " + " | ".join(_percent(oracle.get(round(c, 6))) for c in costs) + " |")
+    if result.get("budget"):
+        lines += ["", f"Budget mode: knob chosen on validation for expected cost <= {result['budget']['target']}.", "",
+                  "| method | knob | val cost | test cost | test accuracy (%) |", "| --- | --- | --- | --- | --- |"]
+        for row in result["budget"]["methods"]:
+            lines.append(
+                f"| {row['method']} | {row['knob']} | {row['val_cost']:.3f} | {row['test_cost']:.3f} | "
+                f"{_percent(row['test_accuracy'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    from jei.plots import plt, save_figure
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for point in result["points"]:
+        by_method.setdefault(point["method"], []).append((point["expected_cost"], point["accuracy"]))
+    for method, curve in by_method.items():
+        curve.sort()
+        axis.plot([c for c, _ in curve], [100 * a for _, a in curve], marker="o", markersize=3, label=method)
+    oracle = sorted((p["expected_cost"], p["accuracy"]) for p in result["oracle"] if p["kind"] == "budgeted")
+    axis.plot([c for c, _ in oracle], [100 * a for _, a in oracle], "k--", label="oracle (budgeted)")
+    axis.set_xlabel("expected cost (fraction of the backbone's mul-adds)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    save_figure(figure, path)
+
+
+class Comparison:
+    """Trains and evaluates the methods; every trained model and point is stored on disk."""
+
+    def __init__(
+        self,
+        make_network: Callable[[Any, Any], EarlyExitNetwork],
+        train: CachedSplit,
+        splits: dict[str, CachedSplit],
+        costs: Tensor,
+        settings: RunSettings,
+        output_dir: Path,
+        alpha: float,
+        fingerprint: str,
+    ) -> None:
+        self.make_network = make_network
+        self.train, self.splits, self.costs = train, splits, costs.float()
+        self.settings, self.output_dir, self.alpha = settings, Path(output_dir), alpha
+        self.fingerprint = fingerprint
+
+    def trained(self, method: Method, objective_kwargs: dict[str, Any]) -> Trained:
+        name = method.objective["name"]
+        key = _digest([self.fingerprint, name, objective_kwargs, self.settings.seed])
+        path = self.output_dir / "trained" / f"{name}-{key}.safetensors"
+        if path.is_file():
+            return Trained.load(path)
+        seed_everything(self.settings.seed)
+        objective = OBJECTIVES.build(name, **objective_kwargs)
+        # The policy's own defaults while training (it only shapes the logged validation numbers).
+        network = self.make_network(objective, {"name": method.policy["name"]})
+        log.info("training %s %s", name, objective_kwargs)
+        fit_exits(network, objective, self.train, self.splits["val"], self.costs, self.settings.exit_training,
+                  self.settings.device, self.settings.seed)
+        result = Trained(
+            {s: exit_outputs(network, self.splits[s], self.settings.device) for s in SPLITS},
+            {s: self.splits[s].labels for s in SPLITS},
+        )
+        result.save(path, exits_state(network, objective))
+        return result
+
+    def policy(self, method: Method, knob: Any, trained: Trained) -> Any:
+        _, kwargs = method.settings(knob)
+        policy = POLICIES.build(method.policy["name"], **kwargs)
+        policy.fit(trained.outputs["val"], trained.labels["val"], self.costs)
+        return policy
+
+    def point(self, method: Method, knob: Any) -> dict[str, Any]:
+        path = self.output_dir / "points" / method.name / f"{_digest(knob)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        objective_kwargs, _ = method.settings(knob)
+        trained = self.trained(method, objective_kwargs)
+        metrics = point_metrics(self.policy(method, knob, trained), trained, self.costs, self.settings.conformal,
+                                self.alpha, self.settings.seed)
+        point = {"method": method.name, "knob": knob, "knob_name": f"{method.sweep['group']}.{method.sweep['key']}",
+                 **metrics}
+        write_json(path, point)
+        return point
+
+    def budgeted(self, method: Method, budget: float, iterations: int) -> dict[str, Any]:
+        """The knob whose validation cost is the largest at or under ``budget``: bisection
+        between the sweep's extreme values (a grid scan for integer knobs)."""
+        values = method.sweep["values"]
+
+        def val_cost(knob: Any) -> float:
+            objective_kwargs, _ = method.settings(knob)
+            trained = self.trained(method, objective_kwargs)
+            return validation_cost(self.policy(method, knob, trained), trained, self.costs)
+
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            candidates = [(val_cost(v), v) for v in range(min(values), max(values) + 1)]
+        else:
+            low, high = float(min(values)), float(max(values))
+            log_scale = low > 0 and high / low > 20
+            cost_low, cost_high = val_cost(low), val_cost(high)
+            candidates = [(cost_low, low), (cost_high, high)]
+            # Keep ``cheap`` on the side whose cost is under the budget.
+            cheap, dear = (low, high) if cost_low <= cost_high else (high, low)
+            for _ in range(iterations):
+                middle = math.sqrt(cheap * dear) if log_scale else (cheap + dear) / 2
+                cost = val_cost(middle)
+                candidates.append((cost, middle))
+                cheap, dear = (middle, dear) if cost <= budget else (cheap, middle)
+        feasible = [c for c in candidates if c[0] <= budget + 1e-12]
+        cost, knob = max(feasible) if feasible else min(candidates)
+        point = self.point(method, knob)
+        return {"method": method.name, "knob": knob, "val_cost": cost, "test_cost": point["expected_cost"],
+                "test_accuracy": point["accuracy"], "feasible": bool(feasible)}
+
+    def run(
+        self, methods: list[Method], matched_costs: list[float], reference: str, budget: float | None, iterations: int
+    ) -> dict[str, Any]:
+        points = []
+        for method in tqdm(methods, desc="methods"):
+            for knob in tqdm(method.sweep["values"], desc=method.name, leave=False):
+                points.append(self.point(method, knob))
+            log.info("%s: %d points", method.name, len(method.sweep["values"]))
+        oracle_source = next((m for m in methods if m.name == reference), methods[0])
+        oracle_trained = self.trained(oracle_source, oracle_source.settings(oracle_source.sweep["values"][0])[0])
+        result: dict[str, Any] = {
+            "points": points,
+            "matched": matched_table(points, matched_costs, reference),
+            "oracle": oracle_points(oracle_trained, self.costs, matched_costs),
+            "oracle_of": oracle_source.name,
+            "reference": reference,
+            "exit_costs": self.costs.double().tolist(),
+        }
+        if budget is not None:
+            result["budget"] = {"target": budget, "methods": [self.budgeted(m, budget, iterations) for m in methods]}
+        return result
