@@ -10,15 +10,13 @@ names match the checkpoints of Idelbayev's "Proper ResNet Implementation for CIF
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jei.types import ExitSpec
 
-from .base import FrozenBackbone, check_exit_positions, load_state_dict_strict
+from .base import ExitChoice, SequentialBackbone, exits_every, load_state_dict_strict, resolve_exits
 from .weights import read_state_dict
 
 STAGE_WIDTHS = (16, 32, 64)
@@ -46,14 +44,17 @@ class BasicBlock(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, channels // 4, channels // 4))
 
 
-class CifarResNet(FrozenBackbone):
+class CifarResNet(SequentialBackbone):
     """ResNet-``depth`` for 32x32 images, cut into segments at the chosen residual blocks.
 
     Args:
         depth: 6n + 2 layers (published: 20, 32, 44, 56, 110; 8 is allowed for tests).
         num_classes: classes of the linear head.
-        exit_every: an exit after every ``k`` residual blocks (blocks k, 2k, ... < 3n).
-        exits: or explicit 1-based residual-block counts (1..3n-1); give exactly one of the two.
+        exit_every: an exit after every ``k`` residual blocks (blocks k, 2k, ... < 3n): the
+            same as ``exits={"every": k}``.
+        exits: or the exits in ``resolve_exits``' numbering: ``"all"``, ``{"every": k}`` or
+            positions k in 1..3n-1 (k: after residual block k, counted from 1 across the three
+            stages); give exactly one of ``exit_every`` and ``exits``.
         weights: optional local weights file, loaded strictly (then the backbone is frozen).
     """
 
@@ -62,7 +63,7 @@ class CifarResNet(FrozenBackbone):
         depth: int = 56,
         num_classes: int = 10,
         exit_every: int | None = 1,
-        exits: Sequence[int] | None = None,
+        exits: ExitChoice | None = None,
         weights: str | None = None,
     ) -> None:
         super().__init__()
@@ -89,40 +90,31 @@ class CifarResNet(FrozenBackbone):
                     specs.append(ExitSpec(len(specs), names[-1], "map", width, 2**stage))
             setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
         self.linear = nn.Linear(channels, num_classes)
-        self._blocks = [self.get_submodule(name) for name in names]  # flat view, registered via layer1..3
         self.exit_specs = tuple(specs)
-        # Segment i runs residual blocks [bounds[i], bounds[i+1]).
-        self._bounds = [0, *positions, total_blocks]
+        # A flat view of the residual blocks (registered through layer1..3).
+        self.set_segments([self.get_submodule(name) for name in names], positions)
         if weights is not None:
             state = read_state_dict(weights)
             load_state_dict_strict(self, _with_batchnorm_counters(self, state), str(weights))
             self.freeze()
 
-    def run_segment(self, index: int, state: Tensor) -> Tensor:
-        if index == 0:
-            state = F.relu(self.bn1(self.conv1(state)))
-        for block in self._blocks[self._bounds[index] : self._bounds[index + 1]]:
-            state = block(state)
-        if index == self.num_gates:
-            return self.linear(state.mean(dim=(2, 3)))  # global average pooling
-        return state
+    def stem(self, images: Tensor) -> Tensor:
+        return F.relu(self.bn1(self.conv1(images)))
+
+    def finish(self, state: Tensor) -> Tensor:
+        return self.linear(state.mean(dim=(2, 3)))  # global average pooling
 
 
-def _exit_positions(exit_every: int | None, exits: Sequence[int] | None, total_blocks: int) -> list[int]:
-    """1-based residual-block counts after which an exit sits, from exactly one of the two fields."""
+def _exit_positions(exit_every: int | None, exits: ExitChoice | None, total_blocks: int) -> list[int]:
+    """Exit positions (after residual block k, from 1) from exactly one of the two fields."""
     if (exit_every is None) == (exits is None):
         raise ValueError(
             "give exactly one of backbone.exit_every and backbone.exits (set the other to null), "
             f"got exit_every={exit_every!r}, exits={exits!r}"
         )
     if exits is not None:
-        return check_exit_positions(list(exits), total_blocks, "backbone.exits")
-    if isinstance(exit_every, bool) or not isinstance(exit_every, int) or not 1 <= exit_every < total_blocks:
-        raise ValueError(
-            f"backbone.exit_every must be an integer in 1..{total_blocks - 1} (this ResNet has "
-            f"{total_blocks} residual blocks), got {exit_every!r}"
-        )
-    return list(range(exit_every, total_blocks, exit_every))
+        return resolve_exits(exits, total_blocks, unit="residual block")
+    return exits_every(exit_every, total_blocks, field="backbone.exit_every", unit="residual block")
 
 
 def _with_batchnorm_counters(module: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -10,7 +10,6 @@ node attribute ``random_walk_pe`` ([num_nodes, pe_dim]), precomputed by the data
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ from torch_geometric.nn import GINConv, GINEConv, GPSConv, global_mean_pool
 
 from jei.types import ExitSpec
 
-from .base import FrozenBackbone, check_exit_positions
+from .base import ExitChoice, SequentialBackbone, resolve_exits
 from .weights import load_weights
 
 PE_ATTR = "random_walk_pe"  # AddRandomWalkPE's default attribute name
@@ -41,12 +40,12 @@ class GraphState:
     num_graphs: int
 
 
-class GraphGPS(FrozenBackbone):
+class GraphGPS(SequentialBackbone):
     """GPS layers (local GIN/GINE message passing + global multi-head attention) with exits.
 
     Node encoder: one Linear over [node features, random-walk PE], i.e. Linear(features) +
     Linear(PE) summed; it runs in segment 0 so cost counting sees it. Exit i sits after
-    layer ``exits[i]`` and sees the global mean pool of the node states ([num_graphs, hidden],
+    the i-th chosen layer and sees the global mean pool of the node states ([num_graphs, hidden],
     kind "vector"). The backbone's own head: global mean pool + MLP after the last layer.
 
     Every segment is per-graph independent in eval mode (attention runs within each graph,
@@ -63,7 +62,8 @@ class GraphGPS(FrozenBackbone):
         pe_dim: random-walk PE length (must match the dataset's ``pe_dim``).
         edge_dim: edge feature size (the dataset's ``edge_dim``); None uses GIN without edge
             features, an int uses GINE.
-        exits: 1-based layer counts after which an exit sits; default every layer but the last.
+        exits: ``"all"`` (default: after every layer but the last), ``{"every": k}`` or positions
+            k in 1..layers-1 (k: after GPS layer k, counted from 1); see ``resolve_exits``.
         dropout: dropout inside the layers (training the backbone only; frozen means eval).
         weights: optional local weights file to load strictly.
     """
@@ -77,15 +77,13 @@ class GraphGPS(FrozenBackbone):
         heads: int = 4,
         pe_dim: int = 8,
         edge_dim: int | None = None,
-        exits: Sequence[int] | None = None,
+        exits: ExitChoice = "all",
         dropout: float = 0.0,
         weights: str | None = None,
     ) -> None:
         super().__init__()
         _check_sizes(in_channels, hidden, layers, heads, pe_dim, edge_dim, dropout)
-        positions = check_exit_positions(
-            list(range(1, layers)) if exits is None else list(exits), layers, "backbone.exits"
-        )
+        positions = resolve_exits(exits, layers, unit="GPS layer")
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.pe_dim = pe_dim
@@ -102,8 +100,7 @@ class GraphGPS(FrozenBackbone):
         self.exit_specs = tuple(
             ExitSpec(i, f"layers.{position - 1}", "vector", hidden) for i, position in enumerate(positions)
         )
-        # Segment i runs layers [bounds[i], bounds[i+1]).
-        self._bounds = [0, *positions, layers]
+        self.set_segments(self.layers, positions)
         if weights is not None:
             load_weights(self, weights)
 
@@ -124,16 +121,18 @@ class GraphGPS(FrozenBackbone):
         )
         return _group_edges_by_graph(state)
 
-    def run_segment(self, index: int, state: GraphState) -> GraphState | Tensor:
-        x = self.encoder(state.x) if index == 0 else state.x
-        if x.shape[0] > 0:  # GPSConv cannot run on a batch without nodes
-            extra = {} if state.edge_attr is None else {"edge_attr": state.edge_attr}
-            for layer in self.layers[self._bounds[index] : self._bounds[index + 1]]:
-                x = layer(x, state.edge_index, state.batch, **extra)
-        state = GraphState(x, state.edge_index, state.edge_attr, state.batch, state.num_graphs)
-        if index == self.num_gates:
-            return self.head(self.represent(index, state))
-        return state
+    def stem(self, state: GraphState) -> GraphState:
+        return GraphState(self.encoder(state.x), state.edge_index, state.edge_attr, state.batch, state.num_graphs)
+
+    def run_block(self, layer: nn.Module, state: GraphState) -> GraphState:
+        if state.x.shape[0] == 0:  # GPSConv cannot run on a batch without nodes
+            return state
+        extra = {} if state.edge_attr is None else {"edge_attr": state.edge_attr}
+        x = layer(state.x, state.edge_index, state.batch, **extra)
+        return GraphState(x, state.edge_index, state.edge_attr, state.batch, state.num_graphs)
+
+    def finish(self, state: GraphState) -> Tensor:
+        return self.head(self.represent(self.num_gates, state))
 
     def represent(self, index: int, state: GraphState) -> Tensor:
         return global_mean_pool(state.x, state.batch, size=state.num_graphs)

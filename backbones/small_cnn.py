@@ -8,11 +8,11 @@ from torch import Tensor, nn
 
 from jei.types import ExitSpec
 
-from .base import FrozenBackbone, check_exit_positions
+from .base import ExitChoice, SequentialBackbone, resolve_exits
 from .weights import load_weights
 
 
-class SmallCNN(FrozenBackbone):
+class SmallCNN(SequentialBackbone):
     """``len(widths)`` conv-BN-ReLU blocks, global average pooling and a linear head.
 
     Args:
@@ -20,7 +20,8 @@ class SmallCNN(FrozenBackbone):
         num_classes: classes of the head.
         widths: output channels of each block.
         strides: stride of each block.
-        exits: 1-based block counts after which an exit sits (1..len(widths)-1).
+        exits: where the exits sit, in ``resolve_exits``' numbering: ``"all"``, ``{"every": k}``
+            or positions k in 1..len(widths)-1 (k: after block k, counted from 1).
         weights: optional weights file (safetensors or torch) to load strictly.
     """
 
@@ -30,13 +31,13 @@ class SmallCNN(FrozenBackbone):
         num_classes: int = 10,
         widths: Sequence[int] = (16, 32, 32, 64),
         strides: Sequence[int] = (1, 1, 2, 1),
-        exits: Sequence[int] = (1, 2, 3),
+        exits: ExitChoice = (1, 2, 3),
         weights: str | None = None,
     ) -> None:
         super().__init__()
         if len(strides) != len(widths):
             raise ValueError(f"backbone.strides needs one entry per block ({len(widths)}), got {len(strides)}")
-        positions = check_exit_positions(list(exits), len(widths), "backbone.exits")
+        positions = resolve_exits(exits, len(widths))
         self.num_classes = num_classes
         blocks, channels, reduction, specs = [], in_channels, 1, []
         for width, stride in zip(widths, strides):
@@ -53,12 +54,9 @@ class SmallCNN(FrozenBackbone):
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
         self.exit_specs = tuple(specs)
-        # Segment i runs blocks [bounds[i], bounds[i+1]).
-        self._bounds = [0, *positions, len(widths)]
+        self.set_segments(self.blocks, positions)
         if weights is not None:
             load_weights(self, weights)
 
-    def run_segment(self, index: int, state: Tensor) -> Tensor:
-        for block in self.blocks[self._bounds[index] : self._bounds[index + 1]]:
-            state = block(state)
-        return self.head(state) if index == self.num_gates else state
+    def finish(self, state: Tensor) -> Tensor:
+        return self.head(state)

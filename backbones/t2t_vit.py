@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 from jei.types import ExitSpec
 
-from .base import FrozenBackbone, check_exit_positions
+from .base import ExitChoice, SequentialBackbone, resolve_exits
 from .weights import load_keeping_head, read_state_dict
 
 
@@ -46,15 +45,16 @@ TOKEN_DIM = 64
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
 
-class T2TViT(FrozenBackbone):
+class T2TViT(SequentialBackbone):
     """T2T-ViT with exits after its transformer blocks.
 
     Args:
         variant: ``"t2t_vit_7"`` or ``"t2t_vit_14"``.
         num_classes: classes of the head.
         img_size: input side the position table is made for (224 for the published weights).
-        exits: ``"all"`` (after every block but the last, as in the paper) or 1-based block
-            counts (1..depth-1).
+        exits: ``"all"`` (after every block but the last, as in the paper), ``{"every": k}`` or
+            positions k in 1..depth-1 (k: after transformer block k, counted from 1, i.e. module
+            ``blocks.{k-1}``); see ``resolve_exits``.
         weights: a local checkpoint in the authors' layout (their ``.pth.tar`` files, whose EMA
             weights are used when present, as the authors do), or a plain or safetensors state
             dict with the same keys; loaded strictly.
@@ -70,7 +70,7 @@ class T2TViT(FrozenBackbone):
         variant: Literal["t2t_vit_7", "t2t_vit_14"] = "t2t_vit_7",
         num_classes: int = 1000,
         img_size: int = 224,
-        exits: Sequence[int] | str = "all",
+        exits: ExitChoice = "all",
         weights: str | None = None,
         reset_head: bool = False,
         input_size: int | None = None,
@@ -85,10 +85,7 @@ class T2TViT(FrozenBackbone):
         if input_size is not None and input_size != img_size:
             raise ValueError(f"backbone.input_size ({input_size}) must equal backbone.img_size ({img_size}) or be null")
         spec = VARIANTS[variant]
-        positions = list(range(1, spec.depth)) if exits == "all" else exits
-        if isinstance(positions, str):
-            raise ValueError(f"backbone.exits must be 'all' or a list of block counts, got {exits!r}")
-        positions = check_exit_positions(list(positions), spec.depth, "backbone.exits")
+        positions = resolve_exits(exits, spec.depth, unit="transformer block")
         self.num_classes = num_classes
         self.img_size = img_size
         self.input_size = input_size
@@ -106,7 +103,7 @@ class T2TViT(FrozenBackbone):
             ExitSpec(index, f"blocks.{position - 1}", "vector", spec.embed_dim)
             for index, position in enumerate(positions)
         )
-        self._bounds = [0, *positions, spec.depth]  # segment i runs blocks [bounds[i], bounds[i+1])
+        self.set_segments(self.blocks, positions)
         if weights is not None:
             state = read_published_checkpoint(weights)
             load_keeping_head(self, state, str(weights), ("head",), num_classes, reset_head)
@@ -125,10 +122,8 @@ class T2TViT(FrozenBackbone):
         tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
         return tokens + self.pos_embed
 
-    def run_segment(self, index: int, state: Tensor) -> Tensor:
-        for block in self.blocks[self._bounds[index] : self._bounds[index + 1]]:
-            state = block(state)
-        return self.head(self.norm(state[:, 0])) if index == self.num_gates else state
+    def finish(self, state: Tensor) -> Tensor:
+        return self.head(self.norm(state[:, 0]))
 
     def represent(self, index: int, state: Tensor) -> Tensor:
         # The paper's ViT IMs read the final LayerNorm of the class token.

@@ -13,7 +13,7 @@ the tests check this against ``model(x)`` and ``forward_intermediates``.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from jei.types import ExitSpec
 
-from .base import FrozenBackbone
+from .base import ExitChoice, SequentialBackbone, resolve_exits
 from .weights import load_keeping_head, read_state_dict
 
 Step = tuple[str, Callable[[Any], Any]]
@@ -40,16 +40,18 @@ _CNN_LAYOUTS: dict[str, tuple[str, ...]] = {
 _PROBE_TIMEOUT_S = 3.0
 
 
-class TimmBackbone(FrozenBackbone):
+class TimmBackbone(SequentialBackbone):
     """A timm model (``timm.create_model(model_name)``) cut into segments at its exits.
 
     Args:
         model_name: any timm name of a supported family, e.g. ``"deit_tiny_patch16_224"``,
             ``"resnet18"``, ``"convnext_tiny"``, ``"mobilenetv3_small_100"``, ``"test_vit"``.
         num_classes: classes of the head (filled in from the dataset by the pipeline).
-        exits: ``"all"`` or indices into the candidate exits (0-based, increasing): the blocks
-            but the last for a ViT; ``feature_info`` taps but the last for a CNN (for ResNet and
-            MobileNetV3, candidate 0 is the stem). ``candidate_exits(model_name)`` lists them.
+        exits: in ``resolve_exits``' numbering, where the blocks are a ViT's transformer blocks
+            and a CNN's ``feature_info`` taps (for ResNet and MobileNetV3 the stem is tap 1):
+            ``"all"``, ``{"every": k}`` or positions k (after block / tap k, counted from 1) in
+            1..N-1; the last block / tap feeds the head. On a ViT, ``exits=[k]`` taps module
+            ``blocks.{k-1}``, as on T2T-ViT. Position k is ``candidate_exits(model_name)[k - 1]``.
         token: ViT exit representation, after the model's final norm: ``"cls"`` (the class
             token, as in the JEI-DNN paper) or ``"mean"`` (mean of the patch tokens, prefix
             tokens such as a distillation token or registers left out). Ignored for CNNs.
@@ -69,7 +71,7 @@ class TimmBackbone(FrozenBackbone):
         self,
         model_name: str,
         num_classes: int,
-        exits: Sequence[int] | str = "all",
+        exits: ExitChoice = "all",
         token: Literal["cls", "mean"] = "cls",
         weights: str | None = None,
         pretrained: bool = False,
@@ -94,10 +96,13 @@ class TimmBackbone(FrozenBackbone):
         if self._is_vit and token == "cls" and getattr(self.model, "cls_token", None) is None:
             raise ValueError(f"backbone.token: {model_name} has no class token; use token: mean")
         self._steps, candidates = _vit_layout(self.model) if self._is_vit else _cnn_layout(self.model, model_name)
-        chosen = _choose_exits(exits, len(candidates))
-        self.exit_specs = tuple(ExitSpec(index, *candidates[position][1:]) for index, position in enumerate(chosen))
-        # Segment i runs steps [bounds[i], bounds[i+1]); the last one then applies forward_head.
-        self._bounds = [0, *(candidates[position][0] + 1 for position in chosen), len(self._steps)]
+        if not candidates:
+            raise ValueError("backbone.model_name: the model has no intermediate exit candidates (too shallow)")
+        unit = "transformer block" if self._is_vit else "feature_info tap"
+        chosen = [candidates[position - 1] for position in resolve_exits(exits, len(candidates) + 1, unit=unit)]
+        self.exit_specs = tuple(ExitSpec(index, *candidate[1:]) for index, candidate in enumerate(chosen))
+        # Segment i runs the steps up to candidate i's; the last one then applies forward_head.
+        self.set_segments([step for _, step in self._steps], [candidate[0] + 1 for candidate in chosen])
         if weights is not None:
             state = read_state_dict(weights)
             if state and all(key.startswith("model.") for key in state):  # saved from this adapter (jei-train)
@@ -109,10 +114,8 @@ class TimmBackbone(FrozenBackbone):
             inputs = F.interpolate(inputs, size=(self.input_size,) * 2, mode="bilinear", antialias=True)
         return inputs
 
-    def run_segment(self, index: int, state: Tensor) -> Tensor:
-        for _, step in self._steps[self._bounds[index] : self._bounds[index + 1]]:
-            state = step(state)
-        return self.model.forward_head(state) if index == self.num_gates else state
+    def finish(self, state: Tensor) -> Tensor:
+        return self.model.forward_head(state)
 
     def represent(self, index: int, state: Tensor) -> Tensor:
         if not self._is_vit:
@@ -123,7 +126,7 @@ class TimmBackbone(FrozenBackbone):
 
 
 def candidate_exits(model_name: str, **model_kwargs: Any) -> list[str]:
-    """The module names of ``model_name``'s candidate exits, in the order ``exits`` indexes them."""
+    """The module names of ``model_name``'s candidate exits: ``exits=[k]`` taps the k-th (from 1)."""
     import timm
 
     model = timm.create_model(model_name, pretrained=False, **model_kwargs)
@@ -183,27 +186,6 @@ def _cnn_layout(model: nn.Module, model_name: str) -> tuple[list[Step], list[Can
         for info in model.feature_info[:-1]
     ]
     return steps, candidates
-
-
-def _choose_exits(exits: Sequence[int] | str, count: int) -> list[int]:
-    if count == 0:
-        raise ValueError("backbone.model_name: the model has no intermediate exit candidates (too shallow)")
-    if isinstance(exits, str):
-        if exits != "all":
-            raise ValueError(f"backbone.exits must be 'all' or a list of candidate indices, got {exits!r}")
-        return list(range(count))
-    chosen = list(exits)
-    if not chosen:
-        raise ValueError(f"backbone.exits: choose at least one of the {count} candidate exits (0..{count - 1})")
-    for position in chosen:
-        if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position < count:
-            raise ValueError(
-                f"backbone.exits: {position!r} is not a candidate index; this model has {count} "
-                f"candidate exits, indices 0..{count - 1} (the last block/stage feeds the head)"
-            )
-    if any(b <= a for a, b in zip(chosen, chosen[1:])):
-        raise ValueError(f"backbone.exits must be strictly increasing candidate indices, got {chosen}")
-    return chosen
 
 
 def _create_model(

@@ -37,7 +37,7 @@ def test_segments_reproduce_the_timm_model(name: str) -> None:
         state = backbone.begin(x)
         for index in range(backbone.num_gates):
             state = backbone.run_segment(index, state)
-        for _, step in backbone._steps[backbone._bounds[-2] :]:
+        for _, step in backbone._steps[backbone.segments.bounds[-2] :]:
             state = step(state)
         torch.testing.assert_close(state, backbone.model.forward_features(x), atol=1e-5, rtol=1e-5)
 
@@ -104,17 +104,28 @@ def test_early_exit_drops_samples_between_segments() -> None:
 
 def test_exits_select_among_candidates_and_bad_choices_name_the_field() -> None:
     assert candidate_exits("test_resnet") == ["act1", "layer1", "layer2", "layer3"]
-    backbone = frozen("test_resnet", exits=[1, 3])
+    backbone = frozen("test_resnet", exits=[2, 4])  # after taps 2 and 4, counted from 1
     assert [spec.name for spec in backbone.exit_specs] == ["layer1", "layer3"]
     assert [spec.index for spec in backbone.exit_specs] == [0, 1]
     with torch.no_grad():
         out = backbone.forward_exits(images())
     assert [f.shape[1] for f in out.features] == [32, 192]
-    for bad in ([4], [2, 1], [], [-1], "some"):
+    for bad in ([5], [3, 2], [], [0], [-1], "some", {"every": 0}, 2):
         with pytest.raises(ValueError, match=r"backbone\.exits"):
             TimmBackbone("test_resnet", num_classes=3, exits=bad)
-    with pytest.raises(ValueError, match="4 candidate exits"):
-        TimmBackbone("test_resnet", num_classes=3, exits=[4])
+    with pytest.raises(ValueError, match=r"exit position 5 is outside 1\.\.4 .*5 feature_info taps"):
+        TimmBackbone("test_resnet", num_classes=3, exits=[5])
+    every_other = frozen("test_resnet", exits={"every": 2})
+    assert [spec.name for spec in every_other.exit_specs] == ["layer1", "layer3"]
+
+
+def test_vit_exit_positions_name_the_same_blocks_as_t2t_vit() -> None:
+    """One numbering: ``exits=[k]`` is after the k-th transformer block on every ViT."""
+    from jei.backbones.t2t_vit import T2TViT
+
+    vit = frozen("test_vit", exits=[2])
+    t2t = T2TViT("t2t_vit_7", num_classes=3, img_size=32, exits=[2])
+    assert [s.name for s in vit.exit_specs] == [s.name for s in t2t.exit_specs] == ["blocks.1"]
 
 
 def test_input_size_resizes_batches() -> None:
