@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from jei.io import RefusedFileError, torch_load_strict
 
 from .base import load_state_dict_strict
 
@@ -23,16 +25,37 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"(this framework never downloads weights at run time)."
         )
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(
+                f"backbone.weights: {path} is damaged or not a safetensors file ({err}); copy the weights file again"
+            ) from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_weights(path)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"backbone.weights: {path} does not hold a state dict")
     return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_torch_weights(path: str | Path, allowed_globals: Sequence[Any] = ()) -> Any:
+    """A torch weights file, loaded with ``weights_only=True`` only (never a full unpickling).
+
+    ``allowed_globals`` extends torch's allowlist for this file (e.g. ``argparse.Namespace`` in
+    training checkpoints). A refused or damaged file is a ``ValueError`` that names it.
+    """
+    try:
+        return torch_load_strict(path, map_location="cpu", allowed_globals=allowed_globals)
+    except RefusedFileError as err:
+        raise ValueError(
+            f"backbone.weights: {err.path} {err.reason}. Use the original checkpoint, or convert it to "
+            f".safetensors on a machine where you trust the file (safetensors.torch.save_file)"
+        ) from None
 
 
 def load_weights(module: nn.Module, path: str | Path) -> None:

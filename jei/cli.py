@@ -9,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import jei.run_dir  # noqa: F401  (registers the run-dir resolver)
 from jei.build import (
     build_backbone,
     build_data,

@@ -193,5 +193,7 @@ class BatchUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> type:
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR-10 batch file")
+            raise pickle.UnpicklingError(
+                f"unexpected object {module}.{name}: only numpy arrays and plain containers are unpickled"
+            )
         return super().find_class(module, name)

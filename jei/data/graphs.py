@@ -10,12 +10,20 @@ Every graph gets random-walk positional encodings in the node attribute ``random
 what ``jei.backbones.graph_gps.GraphGPS`` reads. The source folder is never written to: its
 raw files are copied into a cache folder and PyG processes them there, once per ``pe_dim``.
 
+No file is ever fully unpickled: PyG's ``fs.torch_load`` retries a file that ``weights_only``
+loading refuses with ``weights_only=False`` (running any code the file holds), and its
+``Dataset`` reads ``processed/pre_transform.pt`` with ``weights_only=False``. So PyG runs here
+with ``torch_load_strict`` in place of ``fs.torch_load``, and those two files are checked with it
+first. A refused raw file is an error naming it; a refused or damaged file in the cache folder
+is reported and the cached copy rebuilt from the raw files.
+
 torch_geometric is imported at module top on purpose: without it, the registry turns the
 failed import into its "pip install 'jei-dnn[graph]'" message.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -28,10 +36,15 @@ import torch_geometric.transforms as T
 from torch import Tensor
 from torch_geometric.data import Batch, Data, Dataset
 from torch_geometric.datasets import GNNBenchmarkDataset, TUDataset
+from torch_geometric.io import fs as pyg_fs
 from torch_geometric.loader import DataLoader
 from torch_geometric.utils import degree
 
+from jei.io import RefusedFileError, torch_load_strict
+
 from .base import SPLITS, DataSplits, pick_split, split_indices
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("~/.cache/jei")
 TU_REQUIRED = ("A", "graph_indicator", "graph_labels")  # files <name>_<part>.txt PyG needs
@@ -110,7 +123,7 @@ def load_tu(
     def open_at(cache_root: Path) -> TUDataset:
         return TUDataset(str(cache_root), dataset, pre_transform=pre_transform, use_node_attr=use_node_attr)
 
-    tu = open_at(_stage(source, _cache_root(cache_dir, "tu", pe_dim), dataset, open_at))
+    (tu,) = _open_staged(source, _cache_root(cache_dir, "tu", pe_dim), dataset, open_at, lambda root: [open_at(root)])
     features = _degree_features(tu) if tu.num_node_features == 0 else None
     parts = split_indices(len(tu), fractions, seed, max_per_split)
     return _graph_splits(tu, parts, tu.num_classes, pe_dim, features)
@@ -150,8 +163,10 @@ def load_superpixels(
     def open_at(cache_root: Path, split: str = "train") -> GNNBenchmarkDataset:
         return GNNBenchmarkDataset(str(cache_root), dataset, split=split, pre_transform=pre_transform)
 
-    cache_root = _stage(source, _cache_root(cache_dir, "superpixels", pe_dim), dataset, open_at)
-    benchmark = [open_at(cache_root, split) for split in ("train", "val", "test")]
+    benchmark = _open_staged(
+        source, _cache_root(cache_dir, "superpixels", pe_dim), dataset, open_at,
+        lambda root: [open_at(root, split) for split in ("train", "val", "test")],
+    )
     num_classes = max(int(part.y.max()) for part in benchmark) + 1
     pooled = torch.utils.data.ConcatDataset(benchmark)
     parts = split_indices(len(pooled), fractions, seed, max_per_split)
@@ -169,15 +184,64 @@ def _cache_root(cache_dir: str | Path | None, family: str, pe_dim: int) -> Path:
     return base / f"rwpe{pe_dim}"
 
 
-def _stage(source_raw: Path, cache_root: Path, name: str, build: Callable[[Path], Dataset]) -> Path:
+# PyG's Dataset reads these with torch.load(weights_only=False) whenever they exist.
+PYG_UNPICKLED_FILES = ("pre_transform.pt", "pre_filter.pt")
+
+
+@contextmanager
+def strict_pyg_loading() -> Iterator[None]:
+    """Within the block, PyG's ``fs.torch_load`` is ``torch_load_strict`` (no unpickling fallback)."""
+    original = pyg_fs.torch_load
+    pyg_fs.torch_load = torch_load_strict
+    try:
+        yield
+    finally:
+        pyg_fs.torch_load = original
+
+
+def _open_staged(
+    source_raw: Path,
+    cache_root: Path,
+    name: str,
+    build: Callable[[Path], Dataset],
+    open_all: Callable[[Path], list[Dataset]],
+) -> list[Dataset]:
+    """Stage ``source_raw`` in the cache (``_stage``) and open it with ``open_all``, strictly.
+
+    A cached file that is refused (unsafe or damaged) is reported by path and the cached copy is
+    rebuilt once from the raw files.
+    """
+    for rebuild in (False, True):
+        root = _stage(source_raw, cache_root, name, build, rebuild=rebuild)
+        try:
+            with strict_pyg_loading():
+                for file in PYG_UNPICKLED_FILES:
+                    if (root / name / "processed" / file).is_file():
+                        torch_load_strict(root / name / "processed" / file)
+                return open_all(root)
+        except RefusedFileError as err:
+            if rebuild:
+                raise ValueError(
+                    f"data: the cached file {err.path} {err.reason}, even after rebuilding {root / name} from "
+                    f"{source_raw}; delete {root / name} and check the raw files"
+                ) from None
+            log.warning("data: the cached file %s %s; rebuilding %s from %s", err.path, err.reason, root / name, source_raw)
+    raise AssertionError("unreachable")
+
+
+def _stage(
+    source_raw: Path, cache_root: Path, name: str, build: Callable[[Path], Dataset], rebuild: bool = False
+) -> Path:
     """Make ``cache_root/name`` hold a copy of ``source_raw`` as ``raw/`` plus PyG's
     ``processed/``, and return ``cache_root``.
 
     PyG processes in a temporary sibling that is renamed into place when done, so a run never
-    sees half-written files; a copy whose raw files differ in names or sizes is rebuilt.
+    sees half-written files; a copy whose raw files differ in names or sizes is rebuilt, and so
+    is any copy when ``rebuild``. Raw files are loaded strictly (``strict_pyg_loading``): a
+    refused one is a ``ValueError`` naming the file in ``source_raw``.
     """
     final = cache_root / name
-    if _same_files(source_raw, final / "raw") and (final / "processed").is_dir():
+    if not rebuild and _same_files(source_raw, final / "raw") and (final / "processed").is_dir():
         return cache_root
     cache_root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root))
@@ -187,10 +251,17 @@ def _stage(source_raw: Path, cache_root: Path, name: str, build: Callable[[Path]
         for file in source_raw.iterdir():  # copyfile, not copytree: no read-only modes carried over
             if file.is_file():
                 shutil.copyfile(file, raw / file.name)
-        with _one_thread():
-            build(scratch)
-        if final.exists() and not _same_files(source_raw, final / "raw"):
-            shutil.rmtree(final)  # stale copy
+        try:
+            with _one_thread(), strict_pyg_loading():
+                build(scratch)
+        except RefusedFileError as err:
+            culprit = source_raw / err.path.name if err.path.resolve().parent == raw.resolve() else err.path
+            raise ValueError(
+                f"data: {culprit} {err.reason}. Replace it with the dataset's original file "
+                f"(see data.root and the dataset's documentation)"
+            ) from None
+        if final.exists() and (rebuild or not _same_files(source_raw, final / "raw")):
+            shutil.rmtree(final)  # stale or refused copy
         try:
             os.replace(scratch / name, final)
         except OSError:

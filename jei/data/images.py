@@ -8,6 +8,7 @@ read lazily, batch by batch, from its ImageFolder tree.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -231,7 +232,13 @@ def _read_cifar100_file(path: Path) -> Arrays:
             f"{path.parent}. Nothing is downloaded."
         )
     with path.open("rb") as handle:
-        batch = BatchUnpickler(handle, encoding="latin1").load()
+        try:
+            batch = BatchUnpickler(handle, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            raise ValueError(
+                f"data.root: {path} is not a complete CIFAR-100 python-pickle file ({err}); it was not loaded. "
+                f"Copy the original {path.name} from cifar-100-python.tar.gz again"
+            ) from None
     pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return pixels, np.asarray(batch["fine_labels"], dtype=np.int64)
 
@@ -248,7 +255,13 @@ def _read_svhn(folder: Path, split: str) -> Arrays:
         from scipy.io import loadmat
     except ImportError as err:
         raise ImportError("data: reading SVHN's .mat files needs scipy (pip install scipy)") from err
-    mat = loadmat(str(path))
+    try:
+        mat = loadmat(str(path))
+    except Exception as err:  # noqa: BLE001 (scipy raises several types for a file that is no .mat)
+        raise ValueError(
+            f"data.root: {path} is not a readable MATLAB file ({type(err).__name__}: {err}); copy the "
+            f"original {path.name} (format 2 of http://ufldl.stanford.edu/housenumbers/) again"
+        ) from None
     pixels = np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1), dtype=np.uint8)  # [32, 32, 3, N] -> [N, 3, 32, 32]
     labels = mat["y"].reshape(-1).astype(np.int64) % 10  # the files label digit 0 as 10
     return pixels, labels
