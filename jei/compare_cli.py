@@ -10,6 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import jei.run_dir  # noqa: F401  (registers the run-dir resolver)
 from jei.build import build_backbone, build_data, build_settings, network_factory, to_plain
 from jei.compare import Comparison, Method, markdown, plot
 from jei.io import atomic_write, write_json
