@@ -7,7 +7,9 @@ to its factory as a keyword argument (validated against the factory's signature)
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -18,11 +20,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from jei.calibrate import ConformalSettings
-from jei.data.base import DataSplits
+from jei.data.base import SPLITS, DataSplits
+from jei.errors import ConfigError
 from jei.model import EarlyExitNetwork
 from jei.pipeline import RunSettings
 from jei.registry import BACKBONES, DATASETS, GATES, IMS, OBJECTIVES, POLICIES, Registry
 from jei.train import BackboneTraining, ExitTraining, OptimizerSettings
+from jei.validate import boolean, integer, number, sequence, string
 
 
 def to_plain(node: Any) -> Any:
@@ -109,51 +113,161 @@ def network_factory(
     return make
 
 
+# The node a settings dataclass names its fields under when it is built on its own;
+# ``_settings`` renames them to the node they were actually read from.
+_SETTINGS_PREFIX = {
+    OptimizerSettings: "optimizer",
+    BackboneTraining: "trainer.backbone",
+    ExitTraining: "trainer.exits",
+    ConformalSettings: "conformal",
+}
+
+
 def _settings(cls: type, node: Any, field: str) -> Any:
-    plain = dict(to_plain(node) or {})
     known = {f.name for f in dataclasses.fields(cls)}
+    plain = to_plain(node)
+    if plain is None:
+        plain = {}
+    if not isinstance(plain, dict):
+        raise ConfigError(f"{field} must be a mapping of settings ({', '.join(sorted(known))}), got {plain!r}", field)
+    plain = dict(plain)
     unknown = sorted(set(plain) - known)
     if unknown:
-        raise ValueError(f"{field}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        close = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
+        hints = [f"{key} -> {match[0]}?" for key, match in close.items() if match]
+        raise ConfigError(
+            f"{field}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+            + (f" (did you mean {', '.join(hints)})" if hints else ""),
+            field,
+        )
     if "optimizer" in plain:
         plain["optimizer"] = _settings(OptimizerSettings, plain["optimizer"], f"{field}.optimizer")
     try:
         return cls(**plain)
-    except ValueError as err:
-        raise ValueError(f"{field}: {err}") from err
+    except ConfigError as err:
+        raise err.rebase(_SETTINGS_PREFIX.get(cls, field), field) from err
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{field}: {err}", field) from err
 
 
-def resolve_device(name: str) -> torch.device:
+DEVICE_HINT = "use device=auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(name: Any) -> torch.device:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"device must be a device name, got {name!r}; {DEVICE_HINT}", "device")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device={name!r} is not a device; {DEVICE_HINT}", "device") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto", "device")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device={name!r} but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
+                f"use device=cuda or device=auto",
+                "device",
+            )
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError(f"device={name!r} but MPS is not available here; use device=cpu or device=auto", "device")
+    elif device.type != "cpu":
+        raise ConfigError(f"device={name!r}: jei-train runs on cpu, cuda or mps; {DEVICE_HINT}", "device")
+    return device
 
 
 def data_fingerprint(node: Any) -> str:
     return hashlib.sha256(json.dumps(to_plain(node), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range (seed_everything seeds numpy too)
+
+
+def check_seed(value: Any, field: str = "seed") -> int:
+    return integer(value, field, minimum=0, maximum=SEED_MAX, hint="e.g. seed=0")
+
+
+def _factory_default(name: str, argument: str) -> Any:
+    """The default of ``argument`` in the data factory ``name`` (inspect.Parameter.empty if none)."""
+    try:
+        factory = DATASETS.get(name)
+        parameter = inspect.signature(factory).parameters.get(argument)
+    except (LookupError, ImportError, TypeError, ValueError):  # build_data reports these
+        return inspect.Parameter.empty
+    return inspect.Parameter.empty if parameter is None else parameter.default
+
+
+def check_data_settings(node: Any) -> None:
+    """The settings every dataset shares, before loading anything: ``fractions`` (a list of
+    non-negative numbers summing to <= 1, as many as the dataset's default has: 4 for
+    train/val/cal/test, 3 where the official test set is the test split), ``max_per_split``
+    and ``seed``. Dataset-specific settings are checked by the dataset's own factory."""
+    plain = to_plain(node)
+    if not isinstance(plain, dict):
+        raise ConfigError(f"data must be a mapping with a name (data=digits, ...), got {plain!r}", "data")
+    name = plain.get("name")
+    if "fractions" in plain:
+        fractions = sequence(plain["fractions"], "data.fractions", "[0.5, 0.15, 0.15, 0.2]", min_length=1)
+        for value in fractions:
+            number(value, "data.fractions", minimum=0, hint=f"a list of split fractions, got {fractions}")
+        default = _factory_default(str(name), "fractions") if name else inspect.Parameter.empty
+        if isinstance(default, (list, tuple)) and len(fractions) != len(default):
+            names = ", ".join(SPLITS[: len(default)])
+            extra = "" if len(default) == len(SPLITS) else "; the dataset's official test images are the test split"
+            raise ConfigError(
+                f"data.fractions must hold {len(default)} fractions ({names}) for data={name}{extra}, got {fractions}; "
+                f"e.g. data.fractions={list(default)}",
+                "data.fractions",
+            )
+        if sum(fractions) > 1 + 1e-9:
+            raise ConfigError(
+                f"data.fractions must sum to at most 1, got {fractions} (sum {sum(fractions):g})", "data.fractions"
+            )
+    if plain.get("max_per_split") is not None:
+        integer(plain["max_per_split"], "data.max_per_split", minimum=1, hint="or null for no cap")
+    if "seed" in plain:
+        check_seed(plain["seed"], "data.seed")
+
+
 def build_settings(cfg: DictConfig) -> RunSettings:
+    """Every run setting, checked for type and range before any work (``ConfigError`` names the field)."""
+    seed = check_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    check_data_settings(cfg.data)
     trainer = cfg.trainer
     train_backbone = trainer.train_backbone
     if train_backbone == "auto":
         train_backbone = not backbone_has_weights(cfg.backbone)
     elif not isinstance(train_backbone, bool):
-        raise ValueError(f"trainer.train_backbone must be auto, true or false, got {train_backbone!r}")
+        raise ConfigError(
+            f"trainer.train_backbone must be auto, true or false, got {train_backbone!r}", "trainer.train_backbone"
+        )
+    backbone_training = _settings(BackboneTraining, trainer.backbone, "trainer.backbone")
+    if train_backbone and backbone_training.epochs < 1:
+        why = "auto, and the backbone has no weights" if trainer.train_backbone == "auto" else "true"
+        raise ConfigError(
+            f"trainer.backbone.epochs must be >= 1 when the backbone is trained here (trainer.train_backbone={why}), "
+            f"got {backbone_training.epochs}; set trainer.backbone.epochs >= 1, or load trained weights "
+            f"(backbone.weights=<file>) with trainer.train_backbone=auto or false",
+            "trainer.backbone.epochs",
+        )
     cache_dir = None
-    if trainer.feature_cache:
-        cache_dir = Path(os.path.expanduser(str(cfg.paths.cache_dir))) / "features"
+    if boolean(trainer.feature_cache, "trainer.feature_cache"):
+        cache_dir = Path(os.path.expanduser(string(cfg.paths.cache_dir, "paths.cache_dir")))
+        cache_dir = cache_dir / "features"
     return RunSettings(
-        seed=int(cfg.seed),
-        device=resolve_device(str(cfg.device)),
+        seed=seed,
+        device=device,
         train_backbone=train_backbone,
-        backbone_training=_settings(BackboneTraining, trainer.backbone, "trainer.backbone"),
+        backbone_training=backbone_training,
         exit_training=_settings(ExitTraining, trainer.exits, "trainer.exits"),
         feature_cache_dir=cache_dir,
         data_fingerprint=data_fingerprint(cfg.data),
-        eval_batch_size=int(trainer.eval_batch_size),
+        eval_batch_size=integer(trainer.eval_batch_size, "trainer.eval_batch_size", minimum=1, hint="e.g. 256"),
         conformal=_settings(ConformalSettings, cfg.conformal, "conformal"),
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from jei.conformal import (
     SMALL_GROUP_POLICIES,
     MondrianConformal,
     SplitConformal,
+    conformal_rank,
     coverage,
     coverage_by_group,
     empty_set_rate,
@@ -28,6 +30,8 @@ from jei.conformal import (
     set_size_by_group,
     size_stratified_coverage,
 )
+from jei.errors import ConfigError
+from jei.validate import boolean, choice, integer, number, sequence
 
 
 @dataclass
@@ -41,23 +45,44 @@ class ConformalSettings:
     calibrate_on: str = "cal"  # "cal" | "test_halves" (see calibration_folds)
 
     def __post_init__(self) -> None:
-        if not self.alphas:
-            raise ValueError("conformal.alphas must list at least one alpha in (0, 1)")
-        for alpha in self.alphas:
-            if not 0 < alpha < 1:
-                raise ValueError(f"conformal.alphas: {alpha} is outside (0, 1)")
         # Checked here, before training, rather than when the sets are built at the end.
-        if self.score not in SCORES:
-            raise ValueError(f"conformal.score must be one of {', '.join(sorted(SCORES))}, got {self.score!r}")
-        if self.small_group_policy not in SMALL_GROUP_POLICIES:
-            raise ValueError(
-                f"conformal.small_group_policy must be one of {', '.join(SMALL_GROUP_POLICIES)}, "
-                f"got {self.small_group_policy!r}"
+        alphas = sequence(self.alphas, "conformal.alphas", "[0.05, 0.1]", min_length=1)
+        for alpha in alphas:
+            number(alpha, "conformal.alphas", hint="list miscoverage levels in (0, 1), such as [0.05, 0.1]")
+            if not 0 < alpha < 1:
+                raise ConfigError(
+                    f"conformal.alphas: {alpha} is outside (0, 1); use e.g. [0.05, 0.1]", "conformal.alphas"
+                )
+        self.alphas = [float(alpha) for alpha in alphas]
+        choice(self.score, "conformal.score", sorted(SCORES))
+        integer(self.min_group_size, "conformal.min_group_size", minimum=0,
+                hint="an exit with at most this many calibration samples uses the fallback (e.g. 20)")
+        choice(self.small_group_policy, "conformal.small_group_policy", SMALL_GROUP_POLICIES)
+        boolean(self.allow_empty, "conformal.allow_empty")
+        integer(self.n_bins, "conformal.n_bins", minimum=1, hint="ECE bins, e.g. 15")
+        choice(self.calibrate_on, "conformal.calibrate_on", ("cal", "test_halves"))
+
+
+def min_calibration_size(alpha: float) -> int:
+    """The fewest calibration samples for which split conformal at ``alpha`` has a finite
+    threshold: the smallest n with ceil((n + 1)(1 - alpha)) <= n, i.e. n >= (1 - alpha) / alpha."""
+    exact = Fraction(repr(float(alpha)))
+    return math.ceil((1 - exact) / exact)
+
+
+def calibration_warnings(n_cal: int, alphas: list[float], where: str = "the calibration split") -> list[str]:
+    """One message per alpha for which ``n_cal`` calibration samples are too few: the conformal
+    rank ceil((n+1)(1-alpha)) exceeds n, so every prediction set is the full label set (valid,
+    but uninformative). Empty when every alpha is fine."""
+    messages = []
+    for alpha in alphas:
+        if conformal_rank(n_cal, alpha) > n_cal:
+            messages.append(
+                f"conformal.alphas: alpha={alpha:g} needs at least {min_calibration_size(alpha)} calibration "
+                f"samples, {where} has {n_cal}, so every prediction set at this alpha is the full label set; "
+                f"use a larger alpha or more calibration data (data.fractions, data.max_per_split)"
             )
-        if self.calibrate_on not in ("cal", "test_halves"):
-            raise ValueError(f"conformal.calibrate_on must be 'cal' or 'test_halves', got {self.calibrate_on!r}")
-        if self.n_bins < 1:
-            raise ValueError(f"conformal.n_bins must be >= 1, got {self.n_bins}")
+    return messages
 
 
 def _nan_to_none(values: Tensor) -> list[float | None]:

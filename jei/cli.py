@@ -15,28 +15,52 @@ from jei.build import (
     build_data,
     build_objective,
     build_settings,
+    data_input_channels,
     network_factory,
     to_plain,
 )
+from jei.calibrate import ConformalSettings, calibration_warnings
+from jei.data.base import DataSplits
+from jei.errors import cli_main, config_errors
 from jei.pipeline import run_experiment, seed_everything
+from jei.validate import check_backbone_fits, check_data, check_network_builds
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, output_dir: Path) -> float:
-    """Build everything from ``cfg`` (validating it before any heavy work) and run it."""
-    settings = build_settings(cfg)
-    seed_everything(settings.seed)  # before any module is built: initial weights are seeded too
-    objective = build_objective(cfg.objective)
-    data = build_data(cfg.data)
-    backbone = build_backbone(cfg.backbone, data)
-    make_network = network_factory(cfg.im, cfg.gate, data.num_classes, cfg.policy, objective)
+    """Build everything from ``cfg`` (validating it before any heavy work) and run it.
+
+    Any error while building is the configuration's: it is raised as ``jei.errors.ConfigError``
+    (``train_main`` reports it in one line, exit status 2). Errors of the run itself pass as they are.
+    """
+    with config_errors():
+        settings = build_settings(cfg)
+        seed_everything(settings.seed)  # before any module is built: initial weights are seeded too
+        objective = build_objective(cfg.objective)
+        data = build_data(cfg.data)
+        check_data(data, data.num_classes)
+        backbone = build_backbone(cfg.backbone, data)
+        check_backbone_fits(
+            backbone, data, data_name=cfg.data.name, backbone_name=cfg.backbone.name,
+            data_channels=data_input_channels(data),
+        )
+        make_network = network_factory(cfg.im, cfg.gate, data.num_classes, cfg.policy, objective)
+        check_network_builds(make_network, backbone)
+    for warning in calibration_warnings(calibration_size(data, settings.conformal), settings.conformal.alphas):
+        log.warning(warning)
     metrics = run_experiment(data, backbone, make_network, objective, settings, output_dir, config=to_plain(cfg))
     log.info("results written to %s", output_dir)
     return metrics["accuracy"]
 
 
+def calibration_size(data: DataSplits, conformal: ConformalSettings) -> int:
+    """Calibration samples of the (global) conformal sets: the cal split, or half the test split."""
+    return data.size("cal") if conformal.calibrate_on == "cal" else data.size("test") // 2
+
+
 @hydra.main(config_path="pkg://jei.configs", config_name="train", version_base="1.3")
+@cli_main("jei-train")
 def train_main(cfg: DictConfig) -> float:
     return train(cfg, Path(HydraConfig.get().runtime.output_dir))
 

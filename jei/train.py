@@ -43,10 +43,21 @@ class OptimizerSettings:
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        if self.name not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"optimizer name must be 'sgd', 'adam' or 'adamw', got {self.name!r}")
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optimizer needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        # Field names are relative to "optimizer"; jei.build renames them to the node they came
+        # from (trainer.backbone.optimizer.lr, ...).
+        from jei.validate import MAX_LR, ConfigError, choice, number
+
+        choice(self.name, "optimizer.name", ("sgd", "adam", "adamw"))
+        number(self.lr, "optimizer.lr", above=0, maximum=MAX_LR,
+               hint=f"a learning rate above {MAX_LR:g} diverges; typical values are 1e-4 to 0.1")
+        number(self.min_lr, "optimizer.min_lr", minimum=0, hint="the cosine schedule's final learning rate")
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"optimizer.min_lr must be <= optimizer.lr ({self.lr}), got {self.min_lr}; lower min_lr",
+                "optimizer.min_lr",
+            )
+        number(self.momentum, "optimizer.momentum", minimum=0, below=1, hint="SGD's momentum, e.g. 0.9")
+        number(self.weight_decay, "optimizer.weight_decay", minimum=0, maximum=1, hint="typical values are 0 to 5e-4")
 
     def build(self, params: Iterable[nn.Parameter], total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
         params = list(params)
@@ -70,6 +81,20 @@ class BackboneTraining:
     augment: bool = False
     optimizer: OptimizerSettings = field(default_factory=lambda: OptimizerSettings("adam", 3e-3, 1e-5, 0.0, 1e-4))
 
+    def __post_init__(self) -> None:
+        # epochs may be 0 here (a backbone that is loaded, not trained); jei.build requires >= 1
+        # when this stage runs.
+        from jei.validate import ConfigError, boolean, integer
+
+        integer(self.epochs, "trainer.backbone.epochs", minimum=0)
+        integer(self.batch_size, "trainer.backbone.batch_size", minimum=1, hint="e.g. 64")
+        boolean(self.augment, "trainer.backbone.augment")
+        if not isinstance(self.optimizer, OptimizerSettings):
+            raise ConfigError(
+                f"trainer.backbone.optimizer must be an OptimizerSettings, got {self.optimizer!r}",
+                "trainer.backbone.optimizer",
+            )
+
 
 @dataclass
 class ExitTraining:
@@ -85,12 +110,26 @@ class ExitTraining:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
 
     def __post_init__(self) -> None:
+        from jei.validate import ConfigError, boolean, integer
+
         for name in ("batch_size", "phase_batches", "warmup_patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"trainer.exits.{name} must be >= 1, got {getattr(self, name)}")
+            integer(getattr(self, name), f"trainer.exits.{name}", minimum=1)
         for name in ("warmup_epochs", "epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"trainer.exits.{name} must be >= 0, got {getattr(self, name)}")
+            integer(getattr(self, name), f"trainer.exits.{name}", minimum=0)
+        if self.warmup_epochs + self.epochs == 0:
+            # Every objective's phases last warmup_epochs and/or epochs: nothing would be trained,
+            # and the run would report random IMs and gates.
+            raise ConfigError(
+                "trainer.exits.epochs and trainer.exits.warmup_epochs are both 0, so the exits would not be "
+                "trained at all; set trainer.exits.epochs (or warmup_epochs) >= 1",
+                "trainer.exits.epochs",
+            )
+        boolean(self.augment, "trainer.exits.augment")
+        if not isinstance(self.optimizer, OptimizerSettings):
+            raise ConfigError(
+                f"trainer.exits.optimizer must be an OptimizerSettings, got {self.optimizer!r}",
+                "trainer.exits.optimizer",
+            )
 
 
 def _check_finite(loss: Tensor, where: str, field_name: str) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from jei.exits import per_exit_losses
 from jei.train import PerExitBest, per_exit_val_loss
 from jei.types import Phase, Step, TrainBatch
+from jei.validate import number
 
 
 class BoostedObjective:
@@ -30,8 +31,7 @@ class BoostedObjective:
     default_policy = "max_prob"
 
     def __init__(self, decay: float = 0.5) -> None:
-        if not decay > 0:
-            raise ValueError(f"objective.decay must be > 0, got {decay}")
+        number(decay, "objective.decay", above=0, hint="the weight of the previous ensemble, 0.5 in the paper")
         self.ensemble_decay = float(decay)
 
     def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from jei.exits import POS_WEIGHT_RULES, exit_probabilities, gate_targets, oracle_exit, per_exit_losses, positive_class_weights
 from jei.train import PerExitBest, per_exit_accuracy
 from jei.types import ExitOutputs, Phase, Step, TrainBatch
+from jei.validate import boolean, choice, number
 
 ImWeighting = Literal["paper", "uniform"]
 
@@ -45,17 +46,14 @@ class JEIObjective:
         pos_weight_cap: float = 1.0,
         pos_weight_rule: str = "balanced",
     ) -> None:
-        if not cost_weight >= 0:  # also rejects NaN
-            raise ValueError(f"objective.cost_weight must be >= 0, got {cost_weight}")
-        if im_weighting not in ("paper", "uniform"):
-            raise ValueError(f"objective.im_weighting must be 'paper' or 'uniform', got {im_weighting!r}")
-        if not pos_weight_cap > 0:
-            raise ValueError(f"objective.pos_weight_cap must be > 0, got {pos_weight_cap}")
+        number(cost_weight, "objective.cost_weight", minimum=0, hint="e.g. 0.5; higher means earlier exits")
+        choice(im_weighting, "objective.im_weighting", ("paper", "uniform"))
+        boolean(renormalize, "objective.renormalize")
+        number(pos_weight_cap, "objective.pos_weight_cap", above=0, hint="e.g. 1.0 (5 with pos_weight_rule=exit_share)")
+        choice(pos_weight_rule, "objective.pos_weight_rule", POS_WEIGHT_RULES)  # before training, not after the warm-up
         self.cost_weight = float(cost_weight)
         self.im_weighting = im_weighting
         self.renormalize = renormalize
-        if pos_weight_rule not in POS_WEIGHT_RULES:  # checked before training, not after the warm-up
-            raise ValueError(f"objective.pos_weight_rule must be one of {POS_WEIGHT_RULES}, got {pos_weight_rule!r}")
         self.pos_weight_cap = float(pos_weight_cap)
         self.pos_weight_rule = pos_weight_rule
         self.pos_weight: Tensor | None = None  # per gate; 1 until estimated on validation data

@@ -22,6 +22,7 @@ from jei.exits import per_exit_losses
 from jei.policies import budget_fractions, budgeted_thresholds, confidence, first_true
 from jei.train import PerExitBest, per_exit_val_loss
 from jei.types import Phase, Step, TrainBatch
+from jei.validate import MAX_LR, integer, number
 
 
 class WeightNetwork(nn.Module):
@@ -57,11 +58,11 @@ class L2WObjective:
         meta_lr: float = 1e-4,
         meta_weight_decay: float = 1e-4,
     ) -> None:
-        if meta_interval < 1:
-            raise ValueError(f"objective.meta_interval must be >= 1, got {meta_interval}")
-        for name, value in (("meta_q", meta_q), ("virtual_lr", virtual_lr), ("meta_lr", meta_lr)):
-            if not value > 0:
-                raise ValueError(f"objective.{name} must be > 0, got {value}")
+        integer(meta_interval, "objective.meta_interval", minimum=1, hint="batches between meta steps, 100 in the paper")
+        number(meta_q, "objective.meta_q", above=0, hint="0.75 in the paper")
+        for name, value in (("virtual_lr", virtual_lr), ("meta_lr", meta_lr)):
+            number(value, f"objective.{name}", above=0, maximum=MAX_LR, hint=f"a learning rate in (0, {MAX_LR:g}]")
+        number(meta_weight_decay, "objective.meta_weight_decay", minimum=0, maximum=1)
         self.meta_interval = meta_interval
         self.meta_q = float(meta_q)
         self.virtual_lr = float(virtual_lr)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from jei.exits import per_exit_losses, product_exit_probabilities
 from jei.train import PerExitBest, per_exit_val_loss
 from jei.types import Phase, Step, TrainBatch
+from jei.validate import number
 
 
 class ProductGatesObjective:
@@ -30,8 +31,7 @@ class ProductGatesObjective:
     ensemble_decay = 0.0
 
     def __init__(self, cost_weight: float = 0.5) -> None:
-        if not cost_weight >= 0:
-            raise ValueError(f"objective.cost_weight must be >= 0, got {cost_weight}")
+        number(cost_weight, "objective.cost_weight", minimum=0, hint="e.g. 0.5; higher means earlier exits")
         self.cost_weight = float(cost_weight)
 
     def joint_loss(self, exit_logits: Tensor, gate_logits: Tensor, labels: Tensor, costs: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from jei.exits import per_exit_losses
 from jei.train import PerExitBest, per_exit_val_loss
 from jei.types import Phase, Step, TrainBatch
+from jei.validate import choice
 
 WEIGHTINGS = ("uniform", "early", "depth")
 
@@ -47,8 +48,7 @@ class SDNObjective:
     ensemble_decay = 0.0
 
     def __init__(self, weighting: str = "uniform") -> None:
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"objective.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        choice(weighting, "objective.weighting", WEIGHTINGS)
         self.weighting = weighting
 
     def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
