@@ -12,9 +12,11 @@ from omegaconf import DictConfig
 
 import jei.run_dir  # noqa: F401  (registers the run-dir resolver)
 from jei.build import build_backbone, build_data, build_settings, network_factory, to_plain
+from jei.errors import cli_main, config_errors
 from jei.compare import Comparison, Method, markdown, plot
 from jei.io import atomic_write, write_json
 from jei.pipeline import prepare, seed_everything
+from jei.validate import check_data
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +35,19 @@ def parse_methods(node: Any, include: list[str] | None) -> list[Method]:
 
 def compare(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Validate the methods, then train and evaluate them all; write compare.json/.md/.png."""
-    settings = build_settings(cfg)
-    include = to_plain(cfg.include)
-    methods = parse_methods(cfg.methods, include)
-    reference = str(cfg.reference)
-    if reference not in [m.name for m in methods]:
-        raise ValueError(f"reference={reference!r} is not among the methods compared: {[m.name for m in methods]}")
-    budget = cfg.budget
-    if budget is not None and not 0 < float(budget) <= 1:
-        raise ValueError(f"budget must be a target expected cost in (0, 1], got {budget}")
-    seed_everything(settings.seed)
-    data = build_data(cfg.data)
-    backbone = build_backbone(cfg.backbone, data)
+    with config_errors():
+        settings = build_settings(cfg)
+        methods = parse_methods(cfg.methods, to_plain(cfg.include))
+        reference = str(cfg.reference)
+        if reference not in [m.name for m in methods]:
+            raise ValueError(f"reference={reference!r} is not among the methods compared: {[m.name for m in methods]}")
+        budget = cfg.budget
+        if budget is not None and not 0 < float(budget) <= 1:
+            raise ValueError(f"budget must be a target expected cost in (0, 1], got {budget}")
+        seed_everything(settings.seed)
+        data = build_data(cfg.data)
+        check_data(data, data.num_classes)
+        backbone = build_backbone(cfg.backbone, data)
     template = network_factory(cfg.im, cfg.gate, data.num_classes)
     network, costs, splits, train, _ = prepare(data, backbone, template, settings, output_dir)
 
@@ -69,6 +72,7 @@ def compare(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
 
 @hydra.main(config_path="pkg://jei.configs", config_name="compare", version_base="1.3")
+@cli_main("jei-compare")
 def compare_main(cfg: DictConfig) -> None:
     compare(cfg, Path(HydraConfig.get().runtime.output_dir))
 

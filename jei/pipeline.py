@@ -22,7 +22,14 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from jei.calibrate import ConformalSettings, Scored, calibration_folds, calibration_metrics, conformal_metrics
+from jei.calibrate import (
+    ConformalSettings,
+    Scored,
+    calibration_folds,
+    calibration_metrics,
+    calibration_warnings,
+    conformal_metrics,
+)
 from jei.cost import ExitCosts, measure_exit_costs
 from jei.data.base import DataSplits
 from jei.evaluate import exit_metrics
@@ -94,6 +101,11 @@ def evaluate(
     cal = Scored(torch.softmax(cal_prediction.logits.double(), dim=-1), splits["cal"].labels, cal_prediction.exit_index)
     test = Scored(test_probs, labels, exits)
     folds = calibration_folds(cal, test, settings.conformal.calibrate_on, settings.seed)
+    where = "the calibration split" if settings.conformal.calibrate_on == "cal" else "each half of the test split"
+    warnings: list[str] = []
+    for cal_fold, _ in folds:
+        warnings += [w for w in calibration_warnings(len(cal_fold.labels), settings.conformal.alphas, where) if w not in warnings]
+    metrics["warnings"] = warnings
     metrics["conformal"] = conformal_metrics(folds, test, network.num_gates + 1, settings.conformal)
     metrics["calibration"] = calibration_metrics(
         test_probs, labels, torch.softmax(test_outputs.logits.double(), dim=-1), settings.conformal.n_bins
