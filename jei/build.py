@@ -303,4 +303,6 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, DataSplits, EarlyExitNetw
     network.ims.load_state_dict(part("ims."))
     network.gates.load_state_dict(part("gates."))
     network.policy.load_state_dict(part("policy."))
+    if "temperature" in state:
+        network.temperature.copy_(state["temperature"])
     return cfg, data, network.eval()

@@ -46,6 +46,9 @@ class EarlyExitNetwork(nn.Module):
         self.gates = nn.ModuleList(gates)
         self.policy: ExitPolicy = policy if policy is not None else JEIRule()
         self.ensemble_decay = float(ensemble_decay)
+        # Per-exit temperature (G IMs, then the head): every exit's logits are divided by it
+        # before gates, policies and losses see them; 1 until fitted (``jei.temperature``).
+        self.register_buffer("temperature", torch.ones(num_gates + 1))
 
     @property
     def num_gates(self) -> int:
@@ -66,14 +69,18 @@ class EarlyExitNetwork(nn.Module):
             return logits
         return logits + self.ensemble_decay * previous.detach().to(logits.dtype)
 
+    def _scaled(self, logits: Tensor, index: int) -> Tensor:
+        return logits / self.temperature[index].to(logits.dtype)
+
     def from_pooled(self, pooled: Sequence[Tensor], final_logits: Tensor) -> ExitOutputs:
         """Exit outputs from pooled features (cached or fresh)."""
-        logits: list[Tensor] = []
+        raw: list[Tensor] = []  # before temperature: what ensembles accumulate
         for im, p in zip(self.ims, pooled):
-            logits.append(self._combine(im.classifier(p), logits[-1] if logits else None))
-        final = self._combine(final_logits.to(logits[0].dtype), logits[-1])
+            raw.append(self._combine(im.classifier(p), raw[-1] if raw else None))
+        raw.append(self._combine(final_logits.to(raw[0].dtype), raw[-1]))
+        logits = [self._scaled(z, index) for index, z in enumerate(raw)]
         gate_logits = [gate(z) for gate, z in zip(self.gates, logits)]
-        return ExitOutputs(logits=torch.stack([*logits, final]), gate_logits=torch.stack(gate_logits, dim=-1))
+        return ExitOutputs(logits=torch.stack(logits), gate_logits=torch.stack(gate_logits, dim=-1))
 
     def forward(self, inputs: Any) -> ExitOutputs:
         return self.from_pooled(*self.pooled_features(inputs))
@@ -91,7 +98,8 @@ class EarlyExitNetwork(nn.Module):
         exit_index = torch.full((total,), self.num_gates, dtype=torch.long)
         for index, (im, gate) in enumerate(zip(self.ims, self.gates)):
             state = backbone.run_segment(index, state)
-            logits = self._combine(im(backbone.represent(index, state)), previous)
+            raw = self._combine(im(backbone.represent(index, state)), previous)
+            logits = self._scaled(raw, index)
             if logits_out is None:
                 logits_out = logits.new_zeros(total, logits.shape[-1])
                 decision = policy.begin(total, logits.device)
@@ -103,10 +111,10 @@ class EarlyExitNetwork(nn.Module):
             active = active[~leaving_cpu]
             if active.numel() == 0:
                 return EarlyExitResult(logits=logits_out, exit_index=exit_index)
-            decision, previous = select_state(decision, staying), logits[staying]
+            decision, previous = select_state(decision, staying), raw[staying]
             state = backbone.select(state, staying)
         final = self._combine(backbone.run_segment(self.num_gates, state).to(logits_out.dtype), previous)
-        logits_out[active] = final
+        logits_out[active] = self._scaled(final, self.num_gates)
         return EarlyExitResult(logits=logits_out, exit_index=exit_index)
 
 

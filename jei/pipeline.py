@@ -121,6 +121,7 @@ def exits_state(network: EarlyExitNetwork, objective: Objective) -> dict[str, to
     """Everything a trained run needs beyond the backbone: IMs, gates, policy and objective state."""
     state = {f"ims.{k}": v for k, v in network.ims.state_dict().items()}
     state.update({f"gates.{k}": v for k, v in network.gates.state_dict().items()})
+    state["temperature"] = network.temperature
     state.update({f"policy.{k}": v for k, v in network.policy.state_dict().items()})
     state.update({f"objective.{k}": v for k, v in objective.state_dict().items()})
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}

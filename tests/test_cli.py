@@ -48,7 +48,7 @@ def test_main_job_writes_metrics_exits_and_plots(tmp_path):
     assert metrics["config"]["objective"]["cost_weight"] == 0.5
     assert [r["alpha"] for r in metrics["conformal"]["results"]] == [0.05, 0.1]
     exits = load_file(str(run_dir / "exits.safetensors"))
-    assert {key.split(".")[0] for key in exits} == {"ims", "gates", "objective"}  # JEI's rule has no state
+    assert {key.split(".")[0] for key in exits} == {"ims", "gates", "objective", "temperature"}  # JEI's rule has no state
     logits = load_file(str(run_dir / "exit_logits.safetensors"))
     for split in ("val", "cal", "test"):
         assert logits[f"{split}.logits"].shape[0] == num_exits

@@ -34,4 +34,4 @@ def test_readme_objective_trains_its_exit_and_round_trips():
     accuracy = (exit_outputs(network, split, torch.device("cpu")).logits[-2].argmax(-1) == split.labels).float().mean()
     assert accuracy > 0.9
     assert all(torch.equal(a, b) for a, b in zip(before, network.ims[0].parameters()))  # only the last IM trained
-    assert {k.split(".")[0] for k in exits_state(network, objective)} == {"ims", "gates"}
+    assert {k.split(".")[0] for k in exits_state(network, objective)} == {"ims", "gates", "temperature"}
