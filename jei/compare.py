@@ -105,46 +105,60 @@ def _label(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+def _at_exit(outputs: ExitOutputs, exits: Tensor) -> Tensor:
+    return outputs.logits.gather(0, exits.view(1, -1, 1).expand(1, -1, outputs.logits.shape[-1]))[0]
+
+
 def point_metrics(
-    policy: Any, trained: Trained, costs: Tensor, conformal: ConformalSettings, alpha: float, seed: int
+    policies: list[Any], folds: list[Trained], costs: Tensor, conformal: ConformalSettings, alpha: float, seed: int
 ) -> dict[str, Any]:
-    """Test accuracy, expected cost, ECE, exit fractions and per-exit conformal coverage of a
-    fitted policy; calibration on ``cal`` (or test halves), as ``jei-train`` does."""
-    test, labels = trained.outputs["test"], trained.labels["test"]
-    num_exits = test.num_exits
-    exits = policy.decide(test)
-    logits = test.logits.gather(0, exits.view(1, -1, 1).expand(1, -1, test.logits.shape[-1]))[0]
-    probs = torch.softmax(logits.double(), dim=-1)
-    correct = probs.argmax(-1) == labels
-    cal_out = trained.outputs["cal"]
-    cal_exits = policy.decide(cal_out)
-    cal_logits = cal_out.logits.gather(0, cal_exits.view(1, -1, 1).expand(1, -1, cal_out.logits.shape[-1]))[0]
-    cal = Scored(torch.softmax(cal_logits.double(), dim=-1), trained.labels["cal"], cal_exits)
-    folds = calibration_folds(cal, Scored(probs, labels, exits), conformal.calibrate_on, seed)
+    """Test accuracy, expected cost, ECE, exit fractions and per-exit conformal coverage of
+    fitted policies (one per fold), pooled over the folds' test samples. Each fold calibrates
+    its conformal sets on its own ``cal`` split (or test halves), as ``jei-train`` does."""
+    probs, labels, exits, covered = [], [], [], []
+    num_exits = folds[0].outputs["test"].num_exits
     one_alpha = ConformalSettings(**{**conformal.__dict__, "alphas": [alpha]})
-    sets = conformal_metrics(folds, Scored(probs, labels, exits), num_exits, one_alpha)["results"][0]["per_exit"]
+    for policy, fold in zip(policies, folds):
+        test = fold.outputs["test"]
+        fold_exits = policy.decide(test)
+        fold_probs = torch.softmax(_at_exit(test, fold_exits).double(), dim=-1)
+        cal_exits = policy.decide(fold.outputs["cal"])
+        cal = Scored(torch.softmax(_at_exit(fold.outputs["cal"], cal_exits).double(), dim=-1), fold.labels["cal"], cal_exits)
+        scored = Scored(fold_probs, fold.labels["test"], fold_exits)
+        calibrate_on = conformal.calibrate_on if len(folds) == 1 else "cal"
+        splits = calibration_folds(cal, scored, calibrate_on, seed)
+        sets = conformal_metrics(splits, scored, num_exits, one_alpha)["results"][0]["per_exit"]
+        counts = torch.bincount(fold_exits, minlength=num_exits)
+        covered.append([0.0 if c is None else c * n for c, n in zip(sets["per_exit_coverage"], counts.tolist())])
+        probs.append(fold_probs)
+        labels.append(fold.labels["test"])
+        exits.append(fold_exits)
+    probs_all, labels_all, exits_all = torch.cat(probs), torch.cat(labels), torch.cat(exits)
+    counts = torch.bincount(exits_all, minlength=num_exits)
+    covered_total = torch.tensor(covered, dtype=torch.float64).sum(dim=0)
     return {
-        "accuracy": correct.double().mean().item(),
-        "expected_cost": costs.double()[exits].mean().item(),
-        "ece": expected_calibration_error(probs, labels, conformal.n_bins, "equal_mass"),
-        "exit_fractions": (torch.bincount(exits, minlength=num_exits).double() / len(labels)).tolist(),
-        "per_exit_coverage": sets["per_exit_coverage"],
-        "coverage": sets["coverage"],
+        "accuracy": (probs_all.argmax(-1) == labels_all).double().mean().item(),
+        "expected_cost": costs.double()[exits_all].mean().item(),
+        "ece": expected_calibration_error(probs_all, labels_all, conformal.n_bins, "equal_mass"),
+        "exit_fractions": (counts.double() / len(labels_all)).tolist(),
+        "per_exit_coverage": [None if n == 0 else (c / n).item() for c, n in zip(covered_total, counts)],
         "alpha": alpha,
+        "num_test_samples": len(labels_all),
     }
 
 
-def validation_cost(policy: Any, trained: Trained, costs: Tensor) -> float:
-    policy.fit(trained.outputs["val"], trained.labels["val"], costs)
-    return costs.double()[policy.decide(trained.outputs["val"])].mean().item()
+def validation_cost(policies: list[Any], folds: list[Trained], costs: Tensor) -> float:
+    """Mean cost of the fitted policies on their folds' validation samples."""
+    exits = torch.cat([policy.decide(fold.outputs["val"]) for policy, fold in zip(policies, folds)])
+    return costs.double()[exits].mean().item()
 
 
-def oracle_points(trained: Trained, costs: Tensor, grid: list[float]) -> list[dict[str, float]]:
-    """Upper bounds on test: every sample at its earliest correct exit (the head if none), and
-    the budgeted oracle: a mean cost spent on the samples that can be made correct, cheapest
-    first (the others leave at exit 0)."""
-    test, labels = trained.outputs["test"], trained.labels["test"]
-    correct = test.logits.argmax(-1) == labels  # [G+1, N]
+def oracle_points(folds: list[Trained], costs: Tensor, grid: list[float]) -> list[dict[str, float]]:
+    """Upper bounds on the pooled test samples: every sample at its earliest correct exit (the
+    head if none), and the budgeted oracle: a mean cost spent on the samples that can be made
+    correct, cheapest first (the others leave at exit 0)."""
+    labels = torch.cat([fold.labels["test"] for fold in folds])
+    correct = torch.cat([fold.outputs["test"].logits.argmax(-1) for fold in folds], dim=1) == labels  # [G+1, N]
     costs = costs.double()
     any_correct = correct.any(dim=0)
     earliest = torch.where(any_correct, correct.to(torch.uint8).argmax(dim=0), torch.full_like(labels, len(costs) - 1))
@@ -244,14 +258,57 @@ def plot(result: dict[str, Any], path: Path) -> None:
     save_figure(figure, path)
 
 
+def crossfit_folds(split: CachedSplit, folds: int, seed: int, shares: tuple[float, float] = (0.15, 0.15)) -> list[dict[str, CachedSplit]]:
+    """k-fold cross-fitting over one split (the test set of a backbone that has memorised its
+    training images): fold f's held-out samples are its ``test``; the other folds are cut into
+    ``train``, ``val`` and ``cal`` (``shares`` of them for val and cal). Every reported number is
+    then on images that neither the backbone nor the exits saw."""
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2 for protocol=crossfit, got {folds}")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    chunks = order.chunk(folds)
+    result = []
+    for held_out in range(folds):
+        rest = torch.cat([c for i, c in enumerate(chunks) if i != held_out])
+        n_val, n_cal = int(shares[0] * len(rest)), int(shares[1] * len(rest))
+        parts = {"val": rest[:n_val], "cal": rest[n_val : n_val + n_cal], "train": rest[n_val + n_cal :],
+                 "test": chunks[held_out]}
+        result.append({name: subset(split, index) for name, index in parts.items()})
+    return result
+
+
+def memorisation_warnings(train: Any, test: CachedSplit, protocol: str, gap: float = 0.05) -> list[str]:
+    """A warning when the backbone's head is far more accurate on the exit-training split than
+    on held-out test images: exits trained there learn from a head that is always right."""
+    if not isinstance(train, CachedSplit):
+        return []
+    accuracy = {name: (s.final_logits.argmax(-1) == s.labels).double().mean().item() for name, s in
+                (("train", train), ("test", test))}
+    if accuracy["train"] - accuracy["test"] <= gap:
+        return []
+    return [
+        f"the backbone is {100 * accuracy['train']:.1f} % accurate on the exit-training split but "
+        f"{100 * accuracy['test']:.1f} % on test: it has memorised its training images, so exits trained on them "
+        f"see a head that is always right{'; protocol=crossfit trains and evaluates on test folds only' if protocol == 'standard' else ''}"
+    ]
+
+
+def subset(split: CachedSplit, index: Tensor) -> CachedSplit:
+    return CachedSplit([p[index] for p in split.pooled], split.final_logits[index], split.labels[index])
+
+
 class Comparison:
-    """Trains and evaluates the methods; every trained model and point is stored on disk."""
+    """Trains and evaluates the methods; every trained model and point is stored on disk.
+
+    ``folds``: one dict of ``train``/``val``/``cal``/``test`` features per fold (one fold for the
+    standard protocol; k for cross-fitting). A policy is fitted on each fold's validation split
+    and evaluated on that fold's test samples; the points pool the folds.
+    """
 
     def __init__(
         self,
         make_network: Callable[[Any, Any], EarlyExitNetwork],
-        train: CachedSplit,
-        splits: dict[str, CachedSplit],
+        folds: list[dict[str, Any]],
         costs: Tensor,
         settings: RunSettings,
         output_dir: Path,
@@ -259,43 +316,52 @@ class Comparison:
         fingerprint: str,
     ) -> None:
         self.make_network = make_network
-        self.train, self.splits, self.costs = train, splits, costs.float()
+        self.folds, self.costs = folds, costs.float()
         self.settings, self.output_dir, self.alpha = settings, Path(output_dir), alpha
         self.fingerprint = fingerprint
 
-    def trained(self, method: Method, objective_kwargs: dict[str, Any]) -> Trained:
+    def _train_fold(self, method: Method, objective_kwargs: dict[str, Any], number: int) -> Trained:
         name = method.objective["name"]
-        key = _digest([self.fingerprint, name, objective_kwargs, self.settings.seed])
-        path = self.output_dir / "trained" / f"{name}-{key}.safetensors"
+        identity = [self.fingerprint, name, objective_kwargs, self.settings.seed]
+        if len(self.folds) > 1:
+            identity.append(f"fold {number} of {len(self.folds)}")
+        path = self.output_dir / "trained" / f"{name}-{_digest(identity)}.safetensors"
         if path.is_file():
             return Trained.load(path)
+        fold = self.folds[number]
         seed_everything(self.settings.seed)
         objective = OBJECTIVES.build(name, **objective_kwargs)
         # The policy's own defaults while training (it only shapes the logged validation numbers).
         network = self.make_network(objective, {"name": method.policy["name"]})
-        log.info("training %s %s", name, objective_kwargs)
-        fit_exits(network, objective, self.train, self.splits["val"], self.costs, self.settings.exit_training,
+        log.info("training %s %s%s", name, objective_kwargs, f" (fold {number})" if len(self.folds) > 1 else "")
+        fit_exits(network, objective, fold["train"], fold["val"], self.costs, self.settings.exit_training,
                   self.settings.device, self.settings.seed)
         result = Trained(
-            {s: exit_outputs(network, self.splits[s], self.settings.device) for s in SPLITS},
-            {s: self.splits[s].labels for s in SPLITS},
+            {s: exit_outputs(network, fold[s], self.settings.device) for s in SPLITS},
+            {s: fold[s].labels for s in SPLITS},
         )
         result.save(path, exits_state(network, objective))
         return result
 
-    def policy(self, method: Method, knob: Any, trained: Trained) -> Any:
+    def trained(self, method: Method, objective_kwargs: dict[str, Any]) -> list[Trained]:
+        return [self._train_fold(method, objective_kwargs, number) for number in range(len(self.folds))]
+
+    def policies(self, method: Method, knob: Any, folds: list[Trained]) -> list[Any]:
         _, kwargs = method.settings(knob)
-        policy = POLICIES.build(method.policy["name"], **kwargs)
-        policy.fit(trained.outputs["val"], trained.labels["val"], self.costs)
-        return policy
+        result = []
+        for fold in folds:
+            policy = POLICIES.build(method.policy["name"], **kwargs)
+            policy.fit(fold.outputs["val"], fold.labels["val"], self.costs)
+            result.append(policy)
+        return result
 
     def point(self, method: Method, knob: Any) -> dict[str, Any]:
         path = self.output_dir / "points" / method.name / f"{_digest(knob)}.json"
         if path.is_file():
             return json.loads(path.read_text())
         objective_kwargs, _ = method.settings(knob)
-        trained = self.trained(method, objective_kwargs)
-        metrics = point_metrics(self.policy(method, knob, trained), trained, self.costs, self.settings.conformal,
+        folds = self.trained(method, objective_kwargs)
+        metrics = point_metrics(self.policies(method, knob, folds), folds, self.costs, self.settings.conformal,
                                 self.alpha, self.settings.seed)
         point = {"method": method.name, "knob": knob, "knob_name": f"{method.sweep['group']}.{method.sweep['key']}",
                  **metrics}
@@ -309,8 +375,8 @@ class Comparison:
 
         def val_cost(knob: Any) -> float:
             objective_kwargs, _ = method.settings(knob)
-            trained = self.trained(method, objective_kwargs)
-            return validation_cost(self.policy(method, knob, trained), trained, self.costs)
+            folds = self.trained(method, objective_kwargs)
+            return validation_cost(self.policies(method, knob, folds), folds, self.costs)
 
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             candidates = [(val_cost(v), v) for v in range(min(values), max(values) + 1)]
@@ -332,6 +398,18 @@ class Comparison:
         return {"method": method.name, "knob": knob, "val_cost": cost, "test_cost": point["expected_cost"],
                 "test_accuracy": point["accuracy"], "feasible": bool(feasible)}
 
+    def im_quality(self, method: Method) -> dict[str, list[float]]:
+        """Per-exit test accuracy and ECE of a method's IMs (pooled over folds): IM quality apart
+        from any exit policy."""
+        folds = self.trained(method, method.settings(method.sweep["values"][0])[0])
+        logits = torch.cat([f.outputs["test"].logits for f in folds], dim=1)
+        labels = torch.cat([f.labels["test"] for f in folds])
+        probs = torch.softmax(logits.double(), dim=-1)
+        return {
+            "accuracy": (logits.argmax(-1) == labels).double().mean(dim=1).tolist(),
+            "ece": [expected_calibration_error(p, labels, self.settings.conformal.n_bins, "equal_mass") for p in probs],
+        }
+
     def run(
         self, methods: list[Method], matched_costs: list[float], reference: str, budget: float | None, iterations: int
     ) -> dict[str, Any]:
@@ -341,14 +419,18 @@ class Comparison:
                 points.append(self.point(method, knob))
             log.info("%s: %d points", method.name, len(method.sweep["values"]))
         oracle_source = next((m for m in methods if m.name == reference), methods[0])
-        oracle_trained = self.trained(oracle_source, oracle_source.settings(oracle_source.sweep["values"][0])[0])
         result: dict[str, Any] = {
             "points": points,
             "matched": matched_table(points, matched_costs, reference),
-            "oracle": oracle_points(oracle_trained, self.costs, matched_costs),
+            "oracle": oracle_points(
+                self.trained(oracle_source, oracle_source.settings(oracle_source.sweep["values"][0])[0]),
+                self.costs, matched_costs,
+            ),
             "oracle_of": oracle_source.name,
             "reference": reference,
             "exit_costs": self.costs.double().tolist(),
+            "folds": len(self.folds),
+            "ims": {m.name: self.im_quality(m) for m in methods if m.sweep["group"] == "policy"},
         }
         if budget is not None:
             result["budget"] = {"target": budget, "methods": [self.budgeted(m, budget, iterations) for m in methods]}

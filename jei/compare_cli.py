@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 
 import jei.run_dir  # noqa: F401  (registers the run-dir resolver)
 from jei.build import build_backbone, build_data, build_settings, network_factory, to_plain
-from jei.errors import cli_main, config_errors
-from jei.compare import Comparison, Method, markdown, plot
+from jei.errors import ConfigError, cli_main, config_errors
+from jei.compare import Comparison, Method, crossfit_folds, markdown, memorisation_warnings, plot
 from jei.io import atomic_write, write_json
 from jei.pipeline import prepare, seed_everything
 from jei.validate import check_data
@@ -49,18 +49,32 @@ def compare(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         check_data(data, data.num_classes)
         backbone = build_backbone(cfg.backbone, data)
     template = network_factory(cfg.im, cfg.gate, data.num_classes)
-    network, costs, splits, train, _ = prepare(data, backbone, template, settings, output_dir)
+    protocol = str(cfg.protocol)
+    if protocol not in ("standard", "crossfit"):
+        raise ConfigError(f"protocol must be 'standard' or 'crossfit', got {protocol!r}", "protocol")
+    network, costs, splits, train, _ = prepare(
+        data, backbone, template, settings, output_dir, only_test=protocol == "crossfit"
+    )
+    if protocol == "crossfit":
+        folds = crossfit_folds(splits["test"], int(cfg.folds), settings.seed)
+    else:
+        folds = [{"train": train, **splits}]
+    warnings = memorisation_warnings(folds[0]["train"], folds[0]["test"], protocol)
+    for warning in warnings:
+        log.warning(warning)
 
     def make_network(objective: Any, policy: dict[str, Any]):
         return network_factory(cfg.im, cfg.gate, data.num_classes, policy, objective)(network.backbone).to(settings.device)
 
     comparison = Comparison(
-        make_network, train, splits, costs.normalized, settings, output_dir, float(cfg.alpha),
+        make_network, folds, costs.normalized, settings, output_dir, float(cfg.alpha),
         fingerprint=str([to_plain(cfg.data), to_plain(cfg.backbone), to_plain(cfg.im), to_plain(cfg.gate),
-                         to_plain(cfg.trainer.exits)]),
+                         to_plain(cfg.trainer.exits), protocol, int(cfg.folds) if protocol == "crossfit" else None]),
     )
     result = comparison.run(methods, [float(c) for c in cfg.matched_costs], reference,
                             None if budget is None else float(budget), int(cfg.budget_iterations))
+    result["protocol"] = protocol
+    result["warnings"] = warnings
     result["config"] = to_plain(cfg)
     table = markdown(result, reference)
     atomic_write(output_dir / "compare.md", lambda tmp: tmp.write_text(table))

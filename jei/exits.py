@@ -104,7 +104,7 @@ def gate_targets(best_exit: Tensor, num_gates: int) -> Tensor:
     return (positions.unsqueeze(0) >= best_exit.unsqueeze(-1)).float()
 
 
-POS_WEIGHT_RULES = ("balanced", "exit_share")
+POS_WEIGHT_RULES = ("balanced", "exit_share", "balanced_nonzero")
 
 
 def positive_class_weights(best_exit: Tensor, num_gates: int, cap: float = 5.0, rule: str = "balanced") -> Tensor:
@@ -114,6 +114,8 @@ def positive_class_weights(best_exit: Tensor, num_gates: int, cap: float = 5.0, 
     samples with l* <= l (``gate_targets``). ``"exit_share"``: (N - n_l) / n_l with n_l the
     samples with l* == l, what the authors' code does; since gate l's positives include every
     earlier l*, it over-weights the later gates' positives. A gate without positives gets ``cap``.
+    ``"balanced_nonzero"``: ``"balanced"``, except that a gate without negatives (every sample's
+    best exit is at or before it) gets weight 1 instead of 0, so it still gets a gradient.
     """
     if rule not in POS_WEIGHT_RULES:
         raise ValueError(f"objective.pos_weight_rule must be one of {POS_WEIGHT_RULES}, got {rule!r}")
@@ -122,4 +124,6 @@ def positive_class_weights(best_exit: Tensor, num_gates: int, cap: float = 5.0, 
     positives = torch.cumsum(counts, dim=0) if rule == "balanced" else counts
     ratio = (total - positives) / positives.clamp(min=1)
     ratio[positives == 0] = cap
+    if rule == "balanced_nonzero":
+        ratio[positives == total] = 1.0
     return ratio.clamp(max=cap)

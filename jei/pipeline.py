@@ -144,9 +144,11 @@ def prepare(
     make_network: Callable[[torch.nn.Module], EarlyExitNetwork],
     settings: RunSettings,
     output_dir: Path,
-) -> tuple[EarlyExitNetwork, ExitCosts, dict[str, CachedSplit], CachedSplit | AugmentedFeatures, Any]:
+    only_test: bool = False,
+) -> tuple[EarlyExitNetwork, ExitCosts, dict[str, CachedSplit], CachedSplit | AugmentedFeatures | None, Any]:
     """Everything before exit training: the backbone stage (when needed, saved to
-    ``output_dir``), freezing, the network, its exit costs and every split's features."""
+    ``output_dir``), freezing, the network, its exit costs and every split's features
+    (``only_test``: the test split's alone, for protocols that cross-fit on it)."""
     device = settings.device
     backbone.to(device)
     backbone_history = None
@@ -165,6 +167,8 @@ def prepare(
             network, data, split, settings.eval_batch_size, device, settings.feature_cache_dir, settings.data_fingerprint
         )
 
+    if only_test:
+        return network, costs, {"test": features("test")}, None, backbone_history
     splits = {split: features(split) for split in ("val", "cal", "test")}
     train_features = (
         AugmentedFeatures(network, data, settings.eval_batch_size, device, settings.seed)

@@ -6,6 +6,7 @@ alternate between the gates (phi, IMs fixed) and the IMs (theta, gates fixed).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import torch
@@ -13,9 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jei.exits import POS_WEIGHT_RULES, exit_probabilities, gate_targets, oracle_exit, per_exit_losses, positive_class_weights
+from jei.im_phases import converged_ims
 from jei.train import PerExitBest, per_exit_accuracy
 from jei.types import ExitOutputs, Phase, Step, TrainBatch
 from jei.validate import boolean, choice, number
+
+log = logging.getLogger(__name__)
 
 ImWeighting = Literal["paper", "uniform"]
 
@@ -33,6 +37,10 @@ class JEIObjective:
         pos_weight_cap: upper bound of the gates' positive-class weights.
         pos_weight_rule: ``"balanced"`` (negatives / positives of each gate's targets) or
             ``"exit_share"`` (the authors' code); see ``jei.exits.positive_class_weights``.
+        ims: instead of the paper's warm-up, fit the IMs to convergence with their own optimiser
+            and calibrate them (``jei.im_phases.ConvergedIMs`` fields); None: the paper's warm-up.
+        train_ims: False trains only the gates after the IM stage (the alternation has no IM
+            phase), so the gates are measured on fixed IMs.
     """
 
     default_policy = "jei"
@@ -45,6 +53,8 @@ class JEIObjective:
         renormalize: bool = False,
         pos_weight_cap: float = 1.0,
         pos_weight_rule: str = "balanced",
+        ims: dict[str, Any] | None = None,
+        train_ims: bool = True,
     ) -> None:
         number(cost_weight, "objective.cost_weight", minimum=0, hint="e.g. 0.5; higher means earlier exits")
         choice(im_weighting, "objective.im_weighting", ("paper", "uniform"))
@@ -57,6 +67,10 @@ class JEIObjective:
         self.pos_weight_cap = float(pos_weight_cap)
         self.pos_weight_rule = pos_weight_rule
         self.pos_weight: Tensor | None = None  # per gate; 1 until estimated on validation data
+        self.ims = converged_ims(ims)
+        boolean(train_ims, "objective.train_ims")
+        self.train_ims = train_ims
+        self._degenerate_warned: set[int] = set()
 
     def warmup_loss(self, im_logits: Tensor, labels: Tensor, active: Tensor | None = None) -> Tensor:
         """sum_l w_l CE(z_l, y) / sum_l w_l with w_l = G + 1 - l (earlier exits weigh more).
@@ -98,12 +112,24 @@ class JEIObjective:
         num_gates = exit_logits.shape[0] - 1
         best = self.best_exits(exit_logits, labels, costs)
         self.pos_weight = positive_class_weights(best.cpu(), num_gates, self.pos_weight_cap, self.pos_weight_rule)
+        positives = (gate_targets(best.cpu(), num_gates) > 0).sum(dim=0)
+        one_class = ((positives == 0) | (positives == len(best))).nonzero().flatten().tolist()
+        new = sorted(set(one_class) - self._degenerate_warned)
+        if new:
+            self._degenerate_warned.update(new)
+            log.warning(
+                "gate(s) %s: every validation sample's target is the same class at cost_weight %g, so "
+                "the %s class weight %s; pos_weight_rule=balanced_nonzero keeps a gradient",
+                new, self.cost_weight, self.pos_weight_rule,
+                "is 0 and these gates get no gradient" if self.pos_weight_rule == "balanced" else "is degenerate",
+            )
 
     def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
         """Warm-up (``schedule.warmup_epochs``, early stopping per IM on validation accuracy with
         ``schedule.warmup_patience``), then ``schedule.epochs`` of gate/IM phases of
         ``schedule.phase_batches`` batches each, gates first (paper §4.3)."""
         best = PerExitBest(list(network.ims), schedule.warmup_patience)
+        ims_params = list(network.ims.parameters())
 
         def warmup(batch: TrainBatch) -> Tensor:
             return self.warmup_loss(batch.outputs.logits[:-1], batch.labels, best.active.to(batch.labels.device))
@@ -117,16 +143,25 @@ class JEIObjective:
         def reweigh(outputs: ExitOutputs, labels: Tensor) -> None:
             self.update_from_validation(outputs.logits, labels, costs.cpu())
 
+        start = (
+            self.ims.phases(network)
+            if self.ims is not None
+            else [
+                Phase(
+                    "warmup", schedule.warmup_epochs, [Step("ims", ims_params, warmup)],
+                    on_epoch_end=lambda epoch, outputs, labels: best.update(per_exit_accuracy(outputs, labels)),
+                    on_end=best.restore,
+                )
+            ]
+        )
+        steps = [Step("gates", list(network.gates.parameters()), gates)]
+        if self.train_ims:
+            steps.append(Step("ims", ims_params, ims))
         return [
+            *start,
             Phase(
-                "warmup", schedule.warmup_epochs, [Step("ims", list(network.ims.parameters()), warmup)],
-                on_epoch_end=lambda epoch, outputs, labels: best.update(per_exit_accuracy(outputs, labels)),
-                on_end=best.restore,
-            ),
-            Phase(
-                "alternation", schedule.epochs,
-                [Step("gates", list(network.gates.parameters()), gates), Step("ims", list(network.ims.parameters()), ims)],
-                block_batches=schedule.phase_batches,
+                "alternation", schedule.epochs, steps,
+                block_batches=schedule.phase_batches if self.train_ims else 1,
                 on_start=reweigh,
                 on_epoch_end=lambda epoch, outputs, labels: reweigh(outputs, labels) or False,
             ),

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from jei.exits import per_exit_losses
+from jei.im_phases import converged_ims
 from jei.train import PerExitBest, per_exit_val_loss
 from jei.types import Phase, Step, TrainBatch
 from jei.validate import choice
@@ -40,6 +41,9 @@ class SDNObjective:
     Args:
         weighting: ``"uniform"``, ``"early"`` or ``"depth"`` (see ``exit_weights``).
 
+        ims: fit the IMs to convergence with their own optimiser and calibrate them
+            (``jei.im_phases.ConvergedIMs`` fields), instead of the trainer's budget.
+
     Schedule: one phase of ``warmup_epochs + epochs`` (the trainer's budget), early stopping
     per IM on validation loss with patience ``warmup_patience``.
     """
@@ -47,12 +51,15 @@ class SDNObjective:
     default_policy = "max_prob"
     ensemble_decay = 0.0
 
-    def __init__(self, weighting: str = "uniform") -> None:
+    def __init__(self, weighting: str = "uniform", ims: dict[str, Any] | None = None) -> None:
         choice(weighting, "objective.weighting", WEIGHTINGS)
         self.weighting = weighting
+        self.ims = converged_ims(ims)
 
     def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
         weights = exit_weights(self.weighting, costs).to(costs.device)
+        if self.ims is not None:
+            return self.ims.phases(network, weights * len(weights))
         best = PerExitBest(list(network.ims), schedule.warmup_patience)
 
         def loss(batch: TrainBatch) -> Tensor:

@@ -92,7 +92,7 @@ def test_oracle_sends_each_sample_to_its_earliest_correct_exit():
     outputs = ExitOutputs(logits, torch.zeros(4, 2))
     trained = Trained({s: outputs for s in ("val", "cal", "test")}, {s: labels for s in ("val", "cal", "test")})
     costs = torch.tensor([0.2, 0.5, 1.0])
-    earliest, *budgeted = oracle_points(trained, costs, [0.2, 0.275, 0.5])
+    earliest, *budgeted = oracle_points([trained], costs, [0.2, 0.275, 0.5])
     assert earliest["accuracy"] == 0.75 and earliest["expected_cost"] == pytest.approx((0.2 + 0.5 + 1.0 + 1.0) / 4)
     assert [p["accuracy"] for p in budgeted] == [0.25, 0.5, 0.75]
 
@@ -106,3 +106,25 @@ def test_jei_compare_command_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| max_prob |" in result.stdout
     assert (tmp_path / "run" / "compare.json").is_file()
+
+
+def test_crossfit_protocol_pools_held_out_folds_of_the_test_split(tmp_path):
+    result = run_compare(tmp_path, "include=[max_prob]", "protocol=crossfit", "folds=3")
+    test_size = json.loads((tmp_path / "compare.json").read_text())["points"][0]["num_test_samples"]
+    assert result["folds"] == 3 and result["protocol"] == "crossfit"
+    assert test_size == 359  # every digits test image, each predicted by exits that never saw it
+    assert len(list((tmp_path / "trained").glob("sdn-*.safetensors"))) == 3  # one model per fold
+    assert set(result["ims"]["max_prob"]) == {"accuracy", "ece"}
+
+
+def test_crossfit_folds_are_disjoint_and_cover_the_split():
+    from jei.compare import crossfit_folds
+    from jei.features import CachedSplit
+
+    split = CachedSplit([torch.arange(50).float().view(-1, 1)], torch.zeros(50, 3), torch.arange(50))
+    folds = crossfit_folds(split, 5, seed=0)
+    held_out = torch.cat([f["test"].labels for f in folds])
+    assert sorted(held_out.tolist()) == list(range(50))
+    for fold in folds:
+        parts = [set(fold[name].labels.tolist()) for name in ("train", "val", "cal", "test")]
+        assert sum(len(p) for p in parts) == 50 and len(set().union(*parts)) == 50

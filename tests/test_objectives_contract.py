@@ -22,10 +22,23 @@ SCHEDULE = ExitTraining(
 )
 COSTS = torch.tensor([0.3, 0.6, 0.8, 1.0])
 SETTINGS = {"l2w": {"meta_interval": 2}}
+CONVERGED = {"max_epochs": 30, "patience": 3, "optimizer": {"lr": 0.05}}
+VARIANTS = {  # named options measured in jei-compare
+    "sdn+converged": ("sdn", {"ims": CONVERGED}),
+    "jei+converged": ("jei", {"ims": CONVERGED}),
+    "jei+fixed_ims": ("jei", {"ims": CONVERGED, "train_ims": False, "pos_weight_rule": "balanced_nonzero"}),
+}
+
+
+def build_objective(name: str):
+    if name in VARIANTS:
+        registered, kwargs = VARIANTS[name]
+        return OBJECTIVES.build(registered, **kwargs)
+    return OBJECTIVES.build(name, **SETTINGS.get(name, {}))
 
 
 def trained(name: str, seed: int = 0):
-    objective = OBJECTIVES.build(name, **SETTINGS.get(name, {}))
+    objective = build_objective(name)
     network = tiny_network(seed)
     network.policy = build_policy(None, objective)
     network.ensemble_decay = objective.ensemble_decay
@@ -35,7 +48,7 @@ def trained(name: str, seed: int = 0):
     return objective, network, split, history
 
 
-@pytest.mark.parametrize("name", ["jei", "sdn", "boosted", "l2w", "product_gates"])
+@pytest.mark.parametrize("name", ["jei", "sdn", "boosted", "l2w", "product_gates", *VARIANTS])
 def test_objective_trains_and_its_state_reloads_to_the_same_predictions(name):
     before = exit_outputs(tiny_network(0), compute_split(tiny_network(0), toy_data(), "train", 64, torch.device("cpu")),
                           torch.device("cpu"))
@@ -47,7 +60,7 @@ def test_objective_trains_and_its_state_reloads_to_the_same_predictions(name):
     assert (accuracy > 0.9).all() and (accuracy >= initial).all()  # the toy task is learnable at every exit
 
     state = exits_state(network, objective)
-    fresh_objective = OBJECTIVES.build(name, **SETTINGS.get(name, {}))
+    fresh_objective = build_objective(name)
     fresh_objective.load_state_dict({k.removeprefix("objective."): v for k, v in state.items() if k.startswith("objective.")})
     fresh = tiny_network(99)
     fresh.policy = build_policy(None, fresh_objective)
@@ -55,6 +68,7 @@ def test_objective_trains_and_its_state_reloads_to_the_same_predictions(name):
     fresh.ims.load_state_dict({k.removeprefix("ims."): v for k, v in state.items() if k.startswith("ims.")})
     fresh.gates.load_state_dict({k.removeprefix("gates."): v for k, v in state.items() if k.startswith("gates.")})
     fresh.policy.load_state_dict({k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")})
+    fresh.temperature.copy_(state["temperature"])
     reloaded = exit_outputs(fresh, split, torch.device("cpu"))
     torch.testing.assert_close(reloaded.logits[:-1], outputs.logits[:-1])
     assert torch.equal(predict_from_outputs(reloaded, fresh.policy).exit_index,
@@ -98,3 +112,18 @@ def test_boosted_exits_add_the_detached_previous_ensemble():
 def test_bad_objective_settings_name_the_field(name, kwargs, field):
     with pytest.raises(ValueError, match=field):
         OBJECTIVES.build(name, **kwargs)
+
+
+def test_converged_ims_are_calibrated_and_fixed_ims_stay_fixed():
+    objective, network, split, history = trained("jei+fixed_ims")
+    assert set(history) == {"ims", "temperature", "alternation"}
+    assert not torch.allclose(network.temperature[:-1], torch.ones(3)) and network.temperature[-1] == 1
+    assert all(set(row) >= {"loss_gates"} and "loss_ims" not in row for row in history["alternation"])
+
+
+def test_balanced_nonzero_keeps_a_gradient_when_every_target_is_positive():
+    from jei.exits import positive_class_weights
+
+    everyone_at_exit_0 = torch.zeros(10, dtype=torch.long)
+    assert positive_class_weights(everyone_at_exit_0, 3, 1.0, "balanced").tolist() == [0.0, 0.0, 0.0]
+    assert positive_class_weights(everyone_at_exit_0, 3, 1.0, "balanced_nonzero").tolist() == [1.0, 1.0, 1.0]
