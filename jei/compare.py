@@ -356,7 +356,10 @@ class Comparison:
         return result
 
     def point(self, method: Method, knob: Any) -> dict[str, Any]:
-        path = self.output_dir / "points" / method.name / f"{_digest(knob)}.json"
+        # Keyed by everything the point depends on: a method renamed or re-configured never
+        # reuses another configuration's points.
+        identity = [self.fingerprint, method.objective, method.policy, knob, len(self.folds), self.alpha]
+        path = self.output_dir / "points" / method.name / f"{_digest(identity)}.json"
         if path.is_file():
             return json.loads(path.read_text())
         objective_kwargs, _ = method.settings(knob)

@@ -55,6 +55,10 @@ def test_compare_writes_its_schema_and_reuses_finished_points(tmp_path):
     again = run_compare(tmp_path)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "trained").iterdir()} == stamps  # nothing retrained
     assert again["points"] == result["points"]
+    changed = run_compare(tmp_path, "+methods.max_prob.objective.weighting=early")  # same name, new settings
+    assert len(list((tmp_path / "trained").glob("sdn-*.safetensors"))) == 2
+    assert len(list((tmp_path / "points" / "max_prob").glob("*.json"))) == 8
+    assert changed["points"] != result["points"]
 
 
 def test_budget_mode_keeps_validation_cost_under_the_budget(tmp_path):
