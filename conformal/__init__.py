@@ -1,7 +1,8 @@
 """Conformal prediction sets and calibration metrics on probability tensors.
 
-Standalone: imports only the standard library and torch, works on tensors (never on
-models), so it can be used without the rest of jei-dnn. Typical per-exit use::
+Standalone: imports only the standard library, torch and (if installed, for faster CPU sorts)
+numpy; works on tensors (never on models), so it can be used without the rest of jei-dnn.
+Typical per-exit use::
 
     cp = MondrianConformal("aps", alpha=0.1).calibrate(cal_probs, cal_labels, cal_exits, num_groups=L)
     sets = cp.predict(test_probs, test_exits)

@@ -7,6 +7,7 @@ validates here and fails with a ValueError that names the argument and says how 
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -53,15 +54,46 @@ def check_probs(probs: Tensor, name: str = "probs") -> Tensor:
         probs = probs.float()
     if probs.shape[0] == 0:
         return probs
-    if not torch.isfinite(probs).all():
+    # One pass for finiteness and sign: min/max propagate NaN, and +-inf shows up in one of them.
+    lowest, highest = (float(v) for v in torch.aminmax(probs.detach()))
+    if not (math.isfinite(lowest) and math.isfinite(highest)):
         raise ValueError(
             f"{name} contains NaN or inf; pass softmax(logits, dim=1) computed from finite logits"
         )
-    if (probs < 0).any():
+    if lowest < 0:
         raise ValueError(
-            f"{name} contains negative values (min {probs.min().item():.3g}); "
+            f"{name} contains negative values (min {lowest:.3g}); "
             f"it must hold probabilities: pass softmax(logits, dim=1)"
         )
+    if not _row_sums_surely_within(probs, tol):
+        _check_row_sums_exactly(probs, name, tol)
+    return probs
+
+
+def _row_sums_surely_within(probs: Tensor, tol: float) -> bool:
+    """True when every row sum is provably within ``tol`` of 1, from a sum in the input dtype.
+
+    The reference check sums in float64; summing float32 directly avoids a float64 copy of the
+    whole tensor. Entries are finite and non-negative here, so a sum in any order in a dtype with
+    unit roundoff u is within (K-1) u / (1 - (K-1) u) * sum of the exact sum, and so is the
+    float64 sum. Only rows whose float32 sum is clear of the tolerance by 4 K u * sum (more than
+    twice that bound) pass here; any closer row sends the tensor to the float64 check, so the
+    decision (and the error message) is always that of the float64 check.
+    """
+    if probs.dtype == torch.float64:
+        return False  # the float64 sum is the reference computation itself
+    k = probs.shape[1]
+    unit_roundoff = torch.finfo(probs.dtype).eps / 2
+    if k * unit_roundoff > 0.01:  # keeps the bound below within 2% of (K-1) u
+        return False
+    low, high = (float(v) for v in torch.aminmax(probs.detach().sum(dim=1)))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return False
+    margin = 4 * k * unit_roundoff * max(high, 1.0)
+    return 1.0 - tol + margin <= low and high <= 1.0 + tol - margin
+
+
+def _check_row_sums_exactly(probs: Tensor, name: str, tol: float) -> None:
     row_sums = probs.sum(dim=1, dtype=torch.float64)
     worst = int((row_sums - 1.0).abs().argmax())
     if abs(float(row_sums[worst]) - 1.0) > tol:
@@ -69,7 +101,6 @@ def check_probs(probs: Tensor, name: str = "probs") -> Tensor:
             f"rows of {name} must sum to 1 (tolerance {tol:.1e}), but row {worst} sums to "
             f"{float(row_sums[worst]):.6g}; pass softmax(logits, dim=1), not logits or unnormalised scores"
         )
-    return probs
 
 
 def check_nonempty_calibration(scores: Tensor) -> None:
@@ -97,11 +128,13 @@ def check_labels(labels: Tensor, probs_or_sets: Tensor, ref_name: str = "probs")
     """Validate class indices against a [N, K] tensor; return them as int64 on its device."""
     n, k = probs_or_sets.shape
     labels = _check_index_vector(labels, "labels", n, ref_name, tuple(probs_or_sets.shape))
-    if n and (labels.min() < 0 or labels.max() >= k):
-        raise ValueError(
-            f"labels must be class indices in [0, {k - 1}] ({ref_name} has K={k} columns), "
-            f"got values in [{int(labels.min())}, {int(labels.max())}]"
-        )
+    if n:
+        lowest, highest = (int(v) for v in torch.aminmax(labels))
+        if lowest < 0 or highest >= k:
+            raise ValueError(
+                f"labels must be class indices in [0, {k - 1}] ({ref_name} has K={k} columns), "
+                f"got values in [{lowest}, {highest}]"
+            )
     return labels.to(probs_or_sets.device)
 
 

@@ -16,8 +16,10 @@ from torch import Tensor
 from ._checks import (
     check_alpha,
     check_groups,
+    check_labels,
     check_nonempty_calibration,
     check_num_groups,
+    check_probs,
 )
 from .quantile import split_conformal_threshold
 from .scores import Score, make_score
@@ -41,13 +43,12 @@ def _json_threshold(threshold: float) -> float | None:
     return None if math.isinf(threshold) else threshold
 
 
-def _prediction_sets(scores: Tensor, probs: Tensor, thresholds: float | Tensor, allow_empty: bool) -> Tensor:
-    """Boolean ``[N, K]`` sets from ``score_all`` output; unless ``allow_empty``, empty -> {arg-max}."""
-    sets = scores <= thresholds
-    if not allow_empty:
-        rows = (~sets.any(dim=1)).nonzero().squeeze(1)
-        sets[rows, probs[rows].argmax(dim=1)] = True
-    return sets
+def _calibration_scores(score: Score, probs: Tensor, labels: Tensor) -> Tensor:
+    """True-label scores of a calibration set, each input validated once; fails on an empty set."""
+    probs = check_probs(probs)
+    labels = check_labels(labels, probs)
+    check_nonempty_calibration(probs)
+    return score._score_at(probs, labels)
 
 
 class SplitConformal:
@@ -75,8 +76,7 @@ class SplitConformal:
 
     def calibrate(self, probs: Tensor, labels: Tensor) -> SplitConformal:
         """Set the threshold from held-out ``probs [N, K]`` and true ``labels [N]``."""
-        scores = self.score.score(probs, labels)
-        check_nonempty_calibration(scores)
+        scores = _calibration_scores(self.score, probs, labels)
         self.threshold = split_conformal_threshold(scores, self.alpha)
         self.n_calibration = scores.shape[0]
         return self
@@ -87,7 +87,7 @@ class SplitConformal:
             raise ValueError(
                 "SplitConformal.predict was called before calibrate(); call calibrate(probs, labels) first"
             )
-        return _prediction_sets(self.score.score_all(probs), probs, self.threshold, self.allow_empty)
+        return self.score._prediction_sets(check_probs(probs), self.threshold, self.allow_empty)
 
     def summary(self) -> dict[str, object]:
         """JSON-serialisable description for results files; an infinite threshold is None."""
@@ -158,8 +158,7 @@ class MondrianConformal:
         Pass ``num_groups`` when some groups may be absent from calibration (e.g. an exit no
         calibration sample took); otherwise it is ``max(groups) + 1``.
         """
-        scores = self.score.score(probs, labels)
-        check_nonempty_calibration(scores)
+        scores = _calibration_scores(self.score, probs, labels)
         if num_groups is not None:
             check_num_groups(num_groups)
         groups = check_groups(groups, probs.shape[0], "probs", tuple(probs.shape), num_groups).to(
@@ -189,10 +188,9 @@ class MondrianConformal:
                 "MondrianConformal.predict was called before calibrate(); "
                 "call calibrate(probs, labels, groups) first"
             )
-        scores = self.score.score_all(probs)
+        probs = check_probs(probs)
         groups = check_groups(groups, probs.shape[0], "probs", tuple(probs.shape), self.num_groups)
-        row_thresholds = self.thresholds.to(scores.device)[groups.to(scores.device)].unsqueeze(1)
-        return _prediction_sets(scores, probs, row_thresholds, self.allow_empty)
+        return self.score._prediction_sets(probs, (self.thresholds, groups), self.allow_empty)
 
     def summary(self) -> dict[str, object]:
         """JSON-serialisable description of the policy and every group; infinite thresholds are None."""
