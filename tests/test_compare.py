@@ -42,7 +42,7 @@ def test_compare_writes_its_schema_and_reuses_finished_points(tmp_path):
     for point in written["points"]:
         assert {"method", "knob", "accuracy", "expected_cost", "ece", "exit_fractions", "per_exit_coverage"} <= set(point)
         assert abs(sum(point["exit_fractions"]) - 1) < 1e-9 and 0 < point["expected_cost"] <= 1
-    assert {row["cost"] for row in written["matched"]} == {0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9}
+    assert {row["cost"] for row in written["matched"]} == {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9}
     for row in written["matched"]:
         if row["method"] == "max_prob" and row["accuracy"] is not None:
             assert row["delta_vs_threshold"] == 0
