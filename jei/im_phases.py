@@ -8,6 +8,7 @@ temperature per IM on the validation split (``jei.temperature``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,38 @@ from jei.exits import per_exit_losses
 from jei.temperature import calibrate_network
 from jei.train import OptimizerSettings, PerExitBest, per_exit_val_loss
 from jei.types import ExitOutputs, Phase, Step, TrainBatch
+
+
+def ims_phase(
+    network: nn.Module,
+    name: str,
+    epochs: int,
+    patience: int,
+    loss: Callable[[TrainBatch, Tensor], Tensor],
+    together: bool = False,
+    optimizer: Any = None,
+) -> Phase:
+    """A phase that trains the IMs on ``loss(batch, active)`` with early stopping on validation
+    loss: per IM (``active`` [G] marks the IMs still training; each is restored to its best
+    epoch), or all IMs together when exits depend on each other (``active`` is then [1])."""
+    best = PerExitBest([network.ims] if together else list(network.ims), patience)
+
+    def metric(outputs: ExitOutputs, labels: Tensor) -> Tensor:
+        losses = per_exit_val_loss(outputs, labels)
+        return -(losses.mean().view(1) if together else losses)
+
+    return Phase(
+        name, epochs,
+        [Step("ims", list(network.ims.parameters()), lambda batch: loss(batch, best.active.to(batch.labels.device)))],
+        optimizer=optimizer,
+        on_epoch_end=lambda epoch, outputs, labels: best.update(metric(outputs, labels)),
+        on_end=best.restore,
+    )
+
+
+def exit_losses(batch: TrainBatch) -> Tensor:
+    """``[G]`` mean cross-entropy of every IM on the batch."""
+    return per_exit_losses(batch.outputs.logits[:-1], batch.labels).mean(dim=0)
 
 
 @dataclass
@@ -38,21 +71,11 @@ class ConvergedIMs:
 
     def phases(self, network: nn.Module, weights: Tensor | None = None) -> list[Phase]:
         """``weights``: per-IM loss weights ``[G]`` (uniform when None)."""
-        best = PerExitBest(list(network.ims), self.patience)
+        def loss(batch: TrainBatch, active: Tensor) -> Tensor:
+            scale = active.to(batch.outputs.logits) if weights is None else active * weights.to(active.device)
+            return (scale * exit_losses(batch)).sum()
 
-        def loss(batch: TrainBatch) -> Tensor:
-            losses = per_exit_losses(batch.outputs.logits[:-1], batch.labels).mean(dim=0)
-            scale = best.active.to(losses) if weights is None else best.active.to(losses) * weights.to(losses)
-            return (scale * losses).sum()
-
-        phases = [
-            Phase(
-                "ims", self.max_epochs, [Step("ims", list(network.ims.parameters()), loss)],
-                optimizer=self.optimizer_settings,
-                on_epoch_end=lambda epoch, outputs, labels: best.update(-per_exit_val_loss(outputs, labels)),
-                on_end=best.restore,
-            )
-        ]
+        phases = [ims_phase(network, "ims", self.max_epochs, self.patience, loss, optimizer=self.optimizer_settings)]
         if self.temperature:
             num_gates = len(network.ims)
 

@@ -13,9 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from jei.exits import per_exit_losses
-from jei.train import PerExitBest, per_exit_val_loss
-from jei.types import Phase, Step, TrainBatch
+from jei.im_phases import exit_losses, ims_phase
+from jei.types import Phase, TrainBatch
 from jei.validate import number
 
 
@@ -35,19 +34,12 @@ class BoostedObjective:
         self.ensemble_decay = float(decay)
 
     def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
-        best = PerExitBest([network.ims], schedule.warmup_patience)
-
-        def loss(batch: TrainBatch) -> Tensor:
+        def loss(batch: TrainBatch, active: Tensor) -> Tensor:
             # The network already detaches F_{s-1} inside F_s: the gradient reaches IM s only.
-            return per_exit_losses(batch.outputs.logits[:-1], batch.labels).mean(dim=0).sum()
+            return exit_losses(batch).sum()
 
-        return [
-            Phase(
-                "ims", schedule.warmup_epochs + schedule.epochs, [Step("ims", list(network.ims.parameters()), loss)],
-                on_epoch_end=lambda epoch, outputs, labels: best.update(-per_exit_val_loss(outputs, labels).mean().view(1)),
-                on_end=best.restore,
-            )
-        ]
+        epochs = schedule.warmup_epochs + schedule.epochs
+        return [ims_phase(network, "ims", epochs, schedule.warmup_patience, loss, together=True)]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {}

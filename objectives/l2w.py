@@ -20,8 +20,8 @@ from torch.func import functional_call
 
 from jei.exits import per_exit_losses
 from jei.policies import budget_fractions, budgeted_thresholds, confidence, first_true
-from jei.train import PerExitBest, per_exit_val_loss
-from jei.types import Phase, Step, TrainBatch
+from jei.im_phases import ims_phase
+from jei.types import Phase, TrainBatch
 from jei.validate import MAX_LR, integer, number
 
 
@@ -124,10 +124,9 @@ class L2WObjective:
 
     def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
         weight_network = self._ensure_weight_network(network.num_gates, costs.device)
-        best = PerExitBest([network.ims], schedule.warmup_patience)
         self._batches = 0
 
-        def loss(batch: TrainBatch) -> Tensor:
+        def loss(batch: TrainBatch, active: Tensor) -> Tensor:
             if self._batches % self.meta_interval == 0:
                 self.meta_step(network.ims, batch.pooled, batch.labels)
             self._batches += 1
@@ -136,13 +135,8 @@ class L2WObjective:
                 weights = weight_network(per_exit_losses(logits, batch.labels))
             return self.weighted_loss(logits, batch.labels, weights)
 
-        return [
-            Phase(
-                "ims", schedule.warmup_epochs + schedule.epochs, [Step("ims", list(network.ims.parameters()), loss)],
-                on_epoch_end=lambda epoch, outputs, labels: best.update(-per_exit_val_loss(outputs, labels).mean().view(1)),
-                on_end=best.restore,
-            )
-        ]
+        epochs = schedule.warmup_epochs + schedule.epochs
+        return [ims_phase(network, "ims", epochs, schedule.warmup_patience, loss, together=True)]
 
     def state_dict(self) -> dict[str, Tensor]:
         if self.weight_network is None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from jei.exits import per_exit_losses, product_exit_probabilities
-from jei.train import PerExitBest, per_exit_val_loss
+from jei.im_phases import exit_losses, ims_phase
 from jei.types import Phase, Step, TrainBatch
 from jei.validate import number
 
@@ -41,22 +41,16 @@ class ProductGatesObjective:
         return (probs * losses).sum(dim=-1).mean()
 
     def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
-        best = PerExitBest(list(network.ims), schedule.warmup_patience)
-
-        def warmup(batch: TrainBatch) -> Tensor:
-            losses = per_exit_losses(batch.outputs.logits[:-1], batch.labels).mean(dim=0)
-            return (best.active.to(losses) * losses).sum()
+        def warmup(batch: TrainBatch, active: Tensor) -> Tensor:
+            losses = exit_losses(batch)
+            return (active.to(losses) * losses).sum()
 
         def joint(batch: TrainBatch) -> Tensor:
             return self.joint_loss(batch.outputs.logits, batch.outputs.gate_logits, batch.labels, costs)
 
         parameters = [*network.ims.parameters(), *network.gates.parameters()]
         return [
-            Phase(
-                "warmup", schedule.warmup_epochs, [Step("ims", list(network.ims.parameters()), warmup)],
-                on_epoch_end=lambda epoch, outputs, labels: best.update(-per_exit_val_loss(outputs, labels)),
-                on_end=best.restore,
-            ),
+            ims_phase(network, "warmup", schedule.warmup_epochs, schedule.warmup_patience, warmup),
             Phase("joint", schedule.epochs, [Step("ims+gates", parameters, joint)]),
         ]
 

@@ -13,10 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jei.exits import per_exit_losses
-from jei.im_phases import converged_ims
-from jei.train import PerExitBest, per_exit_val_loss
-from jei.types import Phase, Step, TrainBatch
+from jei.im_phases import converged_ims, exit_losses, ims_phase
+from jei.types import Phase, TrainBatch
 from jei.validate import choice
 
 WEIGHTINGS = ("uniform", "early", "depth")
@@ -60,19 +58,11 @@ class SDNObjective:
         weights = exit_weights(self.weighting, costs).to(costs.device)
         if self.ims is not None:
             return self.ims.phases(network, weights * len(weights))
-        best = PerExitBest(list(network.ims), schedule.warmup_patience)
 
-        def loss(batch: TrainBatch) -> Tensor:
-            losses = per_exit_losses(batch.outputs.logits[:-1], batch.labels).mean(dim=0)  # [G]
-            return (weights * best.active.to(weights) * losses).sum() * len(weights)
+        def loss(batch: TrainBatch, active: Tensor) -> Tensor:
+            return (weights * active.to(weights) * exit_losses(batch)).sum() * len(weights)
 
-        return [
-            Phase(
-                "ims", schedule.warmup_epochs + schedule.epochs, [Step("ims", list(network.ims.parameters()), loss)],
-                on_epoch_end=lambda epoch, outputs, labels: best.update(-per_exit_val_loss(outputs, labels)),
-                on_end=best.restore,
-            )
-        ]
+        return [ims_phase(network, "ims", schedule.warmup_epochs + schedule.epochs, schedule.warmup_patience, loss)]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {}
