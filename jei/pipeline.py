@@ -4,15 +4,21 @@ Takes built objects and plain settings (``jei.build`` makes them from Hydra conf
 writes its results into ``output_dir``: ``metrics.json``, ``exits.safetensors`` (IMs, gates,
 exit policy and objective state), ``exit_logits.safetensors`` (every exit's logits and gate
 logits on val, cal and test, so any policy can be evaluated after the fact),
-``backbone.safetensors`` when the backbone was trained here, and PNG plots. Every
-file is written atomically, and ``metrics.json`` last, so a failed run leaves no partial results.
+``backbone.safetensors`` when the backbone was trained here, ``training.csv`` (a row per epoch
+of every stage and phase, ``jei.tracking``; TensorBoard event files too when it is installed),
+and PNG plots. Every file is written atomically, and ``metrics.json`` last, so a failed run
+leaves no partial results. While it runs, ``checkpoints/`` lets an interrupted run continue
+where it stopped (``jei.checkpoint``); a trained backbone is also kept in the backbone cache
+(``jei.backbone_cache``), so the other jobs of a sweep do not train it again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from jei.backbone_cache import trained_backbone
 from jei.calibrate import (
     ConformalSettings,
     Scored,
@@ -30,14 +37,16 @@ from jei.calibrate import (
     calibration_warnings,
     conformal_metrics,
 )
+from jei.checkpoint import NOT_RESULTS, RunCheckpoints, comparable, resume_mode, state_digest
 from jei.cost import ExitCosts, measure_exit_costs
 from jei.data.base import DataSplits
 from jei.evaluate import exit_metrics
 from jei.features import AugmentedFeatures, CachedSplit, cached_split, to_device
 from jei.io import atomic_write, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
-from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability
-from jei.train import BackboneTraining, ExitTraining, exit_outputs, fit_backbone, fit_exits
+from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability, plot_training_curves
+from jei.tracking import TrainingLog, tensorboard_mode
+from jei.train import BackboneTraining, ExitTraining, exit_outputs, fit_exits
 from jei.types import Objective
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,47 @@ class RunSettings:
     data_fingerprint: str = ""
     eval_batch_size: int = 256
     conformal: ConformalSettings = field(default_factory=ConformalSettings)
+    # Filled from the config by ``run_experiment`` (``config_options``):
+    backbone_cache_dir: Path | None = None  # None: no backbone cache
+    backbone_config: Any = None  # the backbone's config, part of the backbone cache key
+    resume: str | bool = "auto"  # trainer.resume (jei.checkpoint)
+    tensorboard: bool = False  # write TensorBoard event files
+
+
+def config_options(settings: RunSettings, config: Mapping[str, Any] | None) -> RunSettings:
+    """``settings`` with the options a run reads from its config: ``trainer.backbone_cache``
+    (under ``paths.cache_dir``/backbones), ``trainer.resume``, ``trainer.tensorboard``, and the
+    backbone config for the cache key. Keys the config lacks keep the settings' values."""
+    from jei.validate import boolean, string
+
+    if not config:
+        return settings
+    trainer = config.get("trainer") or {}
+    changes: dict[str, Any] = {"backbone_config": config.get("backbone")}
+    if "backbone_cache" in trainer:
+        cache_dir = None
+        if boolean(trainer["backbone_cache"], "trainer.backbone_cache"):
+            paths = config.get("paths") or {}
+            cache_dir = Path(os.path.expanduser(string(paths.get("cache_dir"), "paths.cache_dir"))) / "backbones"
+        changes["backbone_cache_dir"] = cache_dir
+    if "resume" in trainer:
+        changes["resume"] = resume_mode(trainer["resume"])
+    if "tensorboard" in trainer:
+        changes["tensorboard"] = tensorboard_mode(trainer["tensorboard"])
+    return dataclasses.replace(settings, **changes)
+
+
+def resume_record(settings: RunSettings, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What identifies a run for resuming it: its config (less ``jei.checkpoint.NOT_RESULTS``)
+    and the settings that shape its results."""
+    return {
+        "config": comparable(config),
+        "settings": repr({
+            f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+            if f.name not in ("feature_cache_dir", "backbone_cache_dir", "resume", "tensorboard")
+        }),
+        "ignored": list(NOT_RESULTS),
+    }
 
 
 def seed_everything(seed: int) -> None:
@@ -145,16 +195,26 @@ def prepare(
     settings: RunSettings,
     output_dir: Path,
     only_test: bool = False,
+    *,
+    tracker: TrainingLog | None = None,
+    checkpoints: RunCheckpoints | None = None,
 ) -> tuple[EarlyExitNetwork, ExitCosts, dict[str, CachedSplit], CachedSplit | AugmentedFeatures | None, Any]:
     """Everything before exit training: the backbone stage (when needed, saved to
-    ``output_dir``), freezing, the network, its exit costs and every split's features
-    (``only_test``: the test split's alone, for protocols that cross-fit on it)."""
+    ``output_dir``; loaded from the backbone cache when ``settings.backbone_cache_dir`` holds
+    it), freezing, the network, its exit costs and every split's features (``only_test``: the
+    test split's alone, for protocols that cross-fit on it). ``tracker`` logs the backbone's
+    epochs; ``checkpoints`` lets an interrupted backbone stage continue (``jei.checkpoint``)."""
     device = settings.device
     backbone.to(device)
     backbone_history = None
     if settings.train_backbone:
-        backbone_history = fit_backbone(backbone, data, settings.backbone_training, device, settings.seed)
-        save_state(backbone, Path(output_dir) / "backbone.safetensors")
+        backbone_history = trained_backbone(
+            backbone, data, settings.backbone_training, device, settings.seed, Path(output_dir),
+            cache_dir=settings.backbone_cache_dir, data_fingerprint=settings.data_fingerprint,
+            backbone_config=settings.backbone_config, tracker=tracker, checkpoints=checkpoints,
+        )
+        if tracker is not None:
+            plot_training_curves(tracker.rows, Path(output_dir) / "training_curves.png")
     backbone.freeze()
 
     network = make_network(backbone).to(device)
@@ -192,15 +252,22 @@ def run_experiment(
     Seed (``seed_everything``) before building ``backbone`` for a reproducible run.
     """
     output_dir = Path(output_dir)
+    settings = config_options(settings, config)
     device = settings.device
     history: dict[str, Any] = {}
-    network, costs, splits, train_features, backbone_history = prepare(data, backbone, make_network, settings, output_dir)
+    checkpoints = RunCheckpoints(output_dir, resume_record(settings, config), settings.resume)
+    tracker = TrainingLog(output_dir, tensorboard=settings.tensorboard)
+    network, costs, splits, train_features, backbone_history = prepare(
+        data, backbone, make_network, settings, output_dir, tracker=tracker, checkpoints=checkpoints
+    )
     if backbone_history is not None:
         history["backbone"] = backbone_history
     history["exits"] = fit_exits(
         network, objective, train_features, splits["val"], costs.normalized.float(), settings.exit_training,
-        device, settings.seed,
+        device, settings.seed, tracker=tracker,
+        checkpoint=checkpoints.stage("exits", state_digest(network.backbone.state_dict())),
     )
+    tracker.close()
 
     metrics = evaluate(network, data, splits, costs, settings)
     metrics["history"] = history
@@ -212,7 +279,9 @@ def run_experiment(
     plot_exit_histogram(metrics, output_dir / "exit_histogram.png")
     plot_accuracy_cost(metrics, output_dir / "accuracy_cost.png")
     plot_reliability(metrics["calibration"], output_dir / "reliability.png")
+    plot_training_curves(tracker.rows, output_dir / "training_curves.png")
     write_json(output_dir / "metrics.json", metrics)
+    checkpoints.clear()  # finished: nothing to resume
     log.info(
         "test accuracy %.4f at expected cost %.4f (backbone %.4f); exits %s",
         metrics["accuracy"], metrics["expected_cost"], metrics["backbone_accuracy"],

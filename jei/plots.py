@@ -68,3 +68,68 @@ def plot_reliability(calibration: dict[str, Any], path: Path) -> None:
     axis.set_title(f"ECE {100 * calibration['ece_gated_equal_width']:.2f}% ({len(centers)} equal-width bins)")
     axis.legend(fontsize=8, loc="upper left")
     save_figure(figure, path)
+
+
+def plot_training_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Training curves from ``jei.tracking`` rows: the backbone's loss and validation accuracy
+    per epoch; the exits' losses, and their validation accuracy (gated, and each IM's) with the
+    expected cost, over the exit stage's epochs, phases marked."""
+    backbone = [r for r in rows if r.get("stage") == "backbone"]
+    exits = [r for r in rows if r.get("stage") == "exits"]
+    panels = (1 if backbone else 0) + (2 if exits else 0)
+    if panels == 0:
+        return
+    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    axes = list(axes[0])
+    if backbone:
+        axis = axes.pop(0)
+        epochs = [r["epoch"] + 1 for r in backbone]
+        axis.plot(epochs, [r["loss"] for r in backbone], "o-", markersize=3, color="tab:red", label="train loss")
+        axis.set_xlabel("backbone epoch")
+        axis.set_ylabel("cross-entropy")
+        twin = axis.twinx()
+        twin.plot(epochs, [100 * r["val_accuracy"] for r in backbone], "s-", markersize=3, color="tab:blue",
+                  label="val accuracy")
+        twin.set_ylabel("val accuracy (%)")
+        axis.set_title("backbone")
+        handles = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        axis.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
+    if exits:
+        losses_axis, val_axis = axes
+        x = list(range(1, len(exits) + 1))
+        loss_keys = list(dict.fromkeys(k for r in exits for k in r if k.startswith("loss_")))
+        for key in loss_keys:
+            points = [(i, r[key]) for i, r in zip(x, exits) if r.get(key) is not None]
+            if points:
+                losses_axis.plot(*zip(*points), ".-", markersize=3, label=key.removeprefix("loss_"))
+        losses_axis.set_xlabel("exit-stage epoch")
+        losses_axis.set_ylabel("training loss")
+        losses_axis.set_title("exits: losses")
+        losses_axis.legend(fontsize=7)
+        val_axis.plot(x, [100 * r["val_accuracy"] for r in exits], "-", color="black", linewidth=2, label="gated")
+        count = max((len(r.get("val_im_accuracy") or []) for r in exits), default=0)
+        for index in range(count):
+            points = [(i, 100 * r["val_im_accuracy"][index]) for i, r in zip(x, exits)
+                      if len(r.get("val_im_accuracy") or []) > index]
+            val_axis.plot(*zip(*points), "--", linewidth=1, label=f"IM {index}")
+        val_axis.set_xlabel("exit-stage epoch")
+        val_axis.set_ylabel("val accuracy (%)")
+        cost_axis = val_axis.twinx()
+        cost_axis.plot(x, [r["val_expected_cost"] for r in exits], ":", color="tab:orange", linewidth=2,
+                       label="expected cost")
+        cost_axis.set_ylabel("val expected cost")
+        cost_axis.set_ylim(0, 1.05)
+        val_axis.set_title("exits: validation")
+        handles = val_axis.get_legend_handles_labels()[0] + cost_axis.get_legend_handles_labels()[0]
+        val_axis.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+        starts = [(i, r["phase"]) for i, r in zip(x, exits) if i == 1 or exits[i - 2]["phase"] != r["phase"]]
+        for axis in (losses_axis, val_axis):
+            for start, phase in starts:
+                axis.axvline(start - 0.5, color="gray", linewidth=0.6, alpha=0.6)
+                axis.text(start - 0.3, 1.0, phase, transform=axis.get_xaxis_transform(), fontsize=7,
+                          va="top", color="gray")
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in figure.axes:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    save_figure(figure, path)

@@ -9,20 +9,27 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from jei.checkpoint import epoch_done, rng_state, set_rng_state
 from jei.data.base import DataSplits
 from jei.exits import per_exit_losses
 from jei.features import AugmentedFeatures, CachedSplit, cpu_threads, to_device
 from jei.model import EarlyExitNetwork
+from jei.tracking import backbone_rows, describe, exit_rows
 from jei.types import ExitOutputs, Objective, Phase, TrainBatch
+
+if TYPE_CHECKING:
+    from jei.checkpoint import StageCheckpoint
+    from jei.tracking import TrainingLog
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +166,39 @@ def backbone_accuracy(backbone: nn.Module, data: DataSplits, split: str, batch_s
 
 
 def fit_backbone(
-    backbone: nn.Module, data: DataSplits, settings: BackboneTraining, device: torch.device, seed: int
+    backbone: nn.Module,
+    data: DataSplits,
+    settings: BackboneTraining,
+    device: torch.device,
+    seed: int,
+    *,
+    tracker: TrainingLog | None = None,
+    checkpoint: StageCheckpoint | None = None,
 ) -> dict[str, list[float]]:
-    """Train ``backbone`` with cross-entropy; restore its best epoch by validation accuracy."""
+    """Train ``backbone`` with cross-entropy; restore its best epoch by validation accuracy.
+
+    ``tracker`` gets a row per epoch (``jei.tracking``); ``checkpoint`` is saved after every
+    epoch and, when it holds one, training continues from it with the same result
+    (``jei.checkpoint``).
+    """
     backbone.to(device).train()
     steps_per_epoch = math.ceil(data.size("train") / settings.batch_size)
     optimizer, schedule = settings.optimizer.build(backbone.parameters(), settings.epochs * steps_per_epoch)
     best_acc, best_state, history = -1.0, None, {"loss": [], "val_accuracy": []}
-    for epoch in range(settings.epochs):
+    start = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        backbone.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        best_acc, best_state, history, start = saved["best_accuracy"], saved["best_state"], saved["history"], saved["epoch"]
+        set_rng_state(saved["rng"])
+        log.info("backbone: %d of %d epochs done before the interruption; continuing", start, settings.epochs)
+    if tracker is not None:
+        for row in backbone_rows(history):
+            tracker.record(row, replay=True)
+    for epoch in range(start, settings.epochs):
+        began = time.perf_counter()
         backbone.train()
         total = 0.0
         batches = data.batches("train", settings.batch_size, shuffle=True, seed=seed + epoch, augment=settings.augment)
@@ -177,9 +209,19 @@ def fit_backbone(
         accuracy = backbone_accuracy(backbone, data, "val", settings.batch_size, device)
         history["loss"].append(total / steps_per_epoch)
         history["val_accuracy"].append(accuracy)
-        log.info("backbone epoch %d: loss %.4f, val accuracy %.4f", epoch, total / steps_per_epoch, accuracy)
+        row = {**backbone_rows(history)[-1], "seconds": time.perf_counter() - began}
+        log.info("%s", describe(row, settings.epochs))
+        if tracker is not None:
+            tracker.record(row)
         if accuracy > best_acc:
             best_acc, best_state = accuracy, copy.deepcopy(backbone.state_dict())
+        if checkpoint is not None:
+            checkpoint.save({
+                "epoch": epoch + 1, "model": backbone.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "best_accuracy": best_acc, "best_state": best_state,
+                "history": history, "rng": rng_state(),
+            })
+        epoch_done("backbone")
     if best_state is not None:
         backbone.load_state_dict(best_state)
     return history
@@ -258,7 +300,7 @@ def _run_phase(
     device: torch.device,
     seed: int,
     epoch_base: int,
-    log_epoch: Callable[[str, int, dict[str, float | None], ExitOutputs], dict[str, Any]],
+    log_epoch: Callable[[str, int, dict[str, float | None], ExitOutputs, float], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     history: list[dict[str, Any]] = []
     if phase.on_start is not None:
@@ -273,6 +315,7 @@ def _run_phase(
                 raise ValueError(f"objective phase {phase.name!r}, step {step.name!r}: it trains no parameter")
             optimizers.append(factory.build(step.parameters, plan.count(index)))
         for epoch in range(phase.epochs):
+            began = time.perf_counter()
             features = train.for_epoch(epoch_base + epoch)
             order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
             losses: dict[str, list[float]] = {step.name: [] for step in phase.steps}
@@ -287,12 +330,17 @@ def _run_phase(
                 losses[step.name].append(loss.item())
             val_outputs = exit_outputs(network, val, device)
             mean_losses = {name: sum(v) / len(v) if v else None for name, v in losses.items()}
-            history.append(log_epoch(phase.name, epoch, mean_losses, val_outputs))
+            history.append(log_epoch(phase.name, epoch, mean_losses, val_outputs, time.perf_counter() - began))
             if phase.on_epoch_end is not None and phase.on_epoch_end(epoch, val_outputs, val.labels):
                 break
     if phase.on_end is not None:
         phase.on_end()
     return history
+
+
+def trainable_state(network: EarlyExitNetwork) -> dict[str, Tensor]:
+    """Everything of the network but the frozen backbone: IMs, gates, temperature."""
+    return {k: v for k, v in network.state_dict().items() if not k.startswith("backbone.")}
 
 
 def fit_exits(
@@ -304,15 +352,26 @@ def fit_exits(
     settings: ExitTraining,
     device: torch.device,
     seed: int,
+    *,
+    tracker: TrainingLog | None = None,
+    checkpoint: StageCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Stage 2: run the objective's phases over the training features, then fit the exit policy
-    on the validation split. Returns the per-epoch history of every phase."""
+    on the validation split. Returns the per-epoch history of every phase.
+
+    ``tracker`` (``jei.tracking.TrainingLog``) gets a row per epoch; ``checkpoint`` is saved at
+    every phase boundary and, when it holds one, the finished phases are skipped and training
+    continues with the same result (``jei.checkpoint`` explains why phases are its unit).
+    """
     with cpu_threads(device, 1):  # IMs and gates are tiny ops, where CPU threading only costs
         network.to(device)
         network.backbone.freeze()
         costs = costs.to(device=device, dtype=torch.float32)
+        current = {"number": 0, "of": 0, "epochs": 0}  # the phase running, for the console line
 
-        def log_epoch(phase: str, epoch: int, losses: dict[str, float | None], outputs: ExitOutputs) -> dict[str, Any]:
+        def log_epoch(
+            phase: str, epoch: int, losses: dict[str, float | None], outputs: ExitOutputs, seconds: float
+        ) -> dict[str, Any]:
             exits = network.policy.decide(outputs)
             predicted = outputs.logits.argmax(-1).gather(0, exits.view(1, -1))[0]
             row = {
@@ -323,19 +382,53 @@ def fit_exits(
                 "val_expected_cost": costs.cpu().double()[exits].mean().item(),
                 "val_im_accuracy": per_exit_accuracy(outputs, val.labels).tolist(),
             }
-            log.info(
-                "%s epoch %d: %s, val accuracy %.4f at expected cost %.3f",
-                phase, epoch, ", ".join(f"{k} loss {v:.4f}" for k, v in losses.items() if v is not None),
-                row["val_accuracy"], row["val_expected_cost"],
-            )
+            shown = {"stage": "exits", **row, "seconds": seconds}
+            log.info("%s", describe(shown, current["epochs"], (current["number"], current["of"])))
+            if tracker is not None:
+                tracker.record(shown)
+            epoch_done("exits")
             return row
 
+        # Built once, on the initial network and objective, as in an uninterrupted run; a
+        # checkpoint's state is loaded afterwards (see jei.checkpoint).
+        phases = list(objective.phases(network, settings, costs))
         history: dict[str, Any] = {}
-        epoch_base = 0
-        for number, phase in enumerate(objective.phases(network, settings, costs)):
+        first = 0
+        saved = checkpoint.load() if checkpoint is not None else None
+        if saved is not None and (
+            saved.get("phases") != [p.name for p in phases] or set(saved["network"]) != set(trainable_state(network))
+        ):
+            log.warning("exit checkpoint: it does not match this objective's phases %s or this network; "
+                        "starting the exit stage afresh", [p.name for p in phases])
+            saved = None
+        if saved is not None:
+            network.load_state_dict({**network.state_dict(), **saved["network"]})
+            objective.load_state_dict(saved["objective"])
+            history, first = saved["history"], saved["next_phase"]
+            set_rng_state(saved["rng"])
+            log.info("exits: phases %s done before the interruption; continuing", [p.name for p in phases[:first]])
+        if tracker is not None:
+            for row in exit_rows(history):
+                tracker.record(row, replay=True)
+        epoch_base = sum(phase.epochs for phase in phases[:first])
+        for number, phase in enumerate(phases):
+            if number < first:
+                continue
+            current.update(number=number + 1, of=len(phases), epochs=phase.epochs)
+            steps = "+".join(step.name for step in phase.steps)
+            log.info("exits %d/%d %s: %s", number + 1, len(phases), phase.name,
+                     f"up to {phase.epochs} epochs training {steps}" if phase.steps else "no training (hooks only)")
             history[phase.name] = _run_phase(
                 network, phase, train, val, settings, device, seed + 1000 * number, epoch_base, log_epoch
             )
+            if phase.steps and len(history[phase.name]) < phase.epochs:
+                log.info("exits %d/%d %s: stopped early after %d of %d epochs", number + 1, len(phases), phase.name,
+                         len(history[phase.name]), phase.epochs)
             epoch_base += phase.epochs
+            if checkpoint is not None:
+                checkpoint.save({
+                    "phases": [p.name for p in phases], "next_phase": number + 1, "history": history,
+                    "network": trainable_state(network), "objective": objective.state_dict(), "rng": rng_state(),
+                })
         network.policy.fit(exit_outputs(network, val, device), val.labels, costs.cpu())
         return history
