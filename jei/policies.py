@@ -107,7 +107,7 @@ class GateThreshold(Policy):
         return first_true(torch.sigmoid(outputs.gate_logits) >= self.threshold)
 
 
-SCORES = ("max_prob", "entropy")
+SCORES = ("max_prob", "entropy", "gate")
 
 
 def confidence(logits: Tensor, score: str) -> Tensor:
@@ -123,8 +123,9 @@ class ConfidenceThreshold(Policy):
     """Leave at the first exit whose confidence passes its threshold (SDN, Kaya et al. 2019).
 
     Args:
-        score: ``"max_prob"`` (leave when max_c p_c >= threshold) or ``"entropy"`` (leave when
-            H(p) <= threshold).
+        score: ``"max_prob"`` (leave when max_c p_c >= threshold), ``"entropy"`` (leave when
+            H(p) <= threshold) or ``"gate"`` (a learned exit score: leave when the gate's
+            probability >= threshold).
         threshold: one value shared by every exit, or one per intermediate exit.
     """
 
@@ -135,10 +136,16 @@ class ConfidenceThreshold(Policy):
         values = torch.as_tensor(threshold, dtype=torch.float32).flatten()
         if torch.isnan(values).any():
             raise ValueError(f"policy.threshold must not be NaN, got {threshold}")
+        if score == "gate" and ((values < 0) | (values > 1)).any():
+            raise ValueError(f"policy.threshold must be a probability in [0, 1] with score=gate, got {threshold}")
         self.thresholds = self._internal(values)
 
     def _internal(self, thresholds: Tensor) -> Tensor:
-        """Thresholds on the "higher is surer" score: the entropy's are negated."""
+        """Thresholds on the "higher is surer" score: the entropy's are negated; the gate's are
+        compared on the logit scale (no rounding from a sigmoid that could differ between the
+        streaming and the vectorised pass)."""
+        if self.score == "gate":
+            return torch.logit(thresholds.double()).float()
         return thresholds if self.score == "max_prob" else -thresholds
 
     def per_exit(self, num_gates: int) -> Tensor:
@@ -151,12 +158,23 @@ class ConfidenceThreshold(Policy):
             )
         return self.thresholds
 
+    @property
+    def uses_gates(self) -> bool:  # type: ignore[override]
+        return self.score == "gate"
+
+    def _score(self, logits: Tensor, gate_logit: Tensor) -> Tensor:
+        return gate_logit.float() if self.score == "gate" else confidence(logits, self.score)
+
+    def scores(self, outputs: ExitOutputs) -> Tensor:
+        """``[G, B]`` score of every intermediate exit."""
+        return torch.stack([self._score(outputs.logits[l], outputs.gate_logits[:, l]) for l in range(outputs.num_gates)])
+
     def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: State) -> tuple[Tensor, State]:
         threshold = self.thresholds[0 if self.thresholds.numel() == 1 else index]
-        return confidence(logits, self.score) >= threshold.to(logits.device), state
+        return self._score(logits, gate_logit) >= threshold.to(logits.device), state
 
     def decide(self, outputs: ExitOutputs) -> Tensor:
-        scores = torch.stack([confidence(z, self.score) for z in outputs.logits[:-1]], dim=-1)
+        scores = self.scores(outputs).T
         return first_true(scores >= self.per_exit(outputs.num_gates).to(scores.device))
 
     def state_dict(self) -> State:
@@ -204,7 +222,7 @@ class BudgetedThreshold(ConfidenceThreshold):
 
     @torch.no_grad()
     def fit(self, outputs: ExitOutputs, labels: Tensor, costs: Tensor) -> None:
-        scores = torch.stack([confidence(z, self.score) for z in outputs.logits[:-1]]).cpu()
+        scores = self.scores(outputs).cpu()
         self.thresholds = budgeted_thresholds(scores, budget_fractions(self.q, outputs.num_exits))
 
 
@@ -240,7 +258,7 @@ class PenalizedThreshold(ConfidenceThreshold):
 
     @torch.no_grad()
     def fit(self, outputs: ExitOutputs, labels: Tensor, costs: Tensor) -> None:
-        scores = torch.stack([confidence(z, self.score) for z in outputs.logits[:-1]]).cpu()
+        scores = self.scores(outputs).cpu()
         correct = (outputs.logits.argmax(-1).cpu() == labels.cpu().unsqueeze(0))
         costs = costs.cpu()
         levels = torch.linspace(0, 1, self.candidates, dtype=torch.float64)

@@ -41,6 +41,7 @@ def fitted_policies(outputs: ExitOutputs) -> list:
         JEIRule(), GateThreshold(0.5), GateThreshold(0.8), ConfidenceThreshold("max_prob", 0.6),
         ConfidenceThreshold("max_prob", [0.9, 0.5, 0.7]), ConfidenceThreshold("entropy", 0.8), Patience(1),
         Patience(2), Patience(3), BudgetedThreshold(0.7), BudgetedThreshold(1.5, "entropy"), PenalizedThreshold(0.3),
+        ConfidenceThreshold("gate", 0.6), PenalizedThreshold(0.3, "gate"),
     ]
     costs = torch.linspace(1, outputs.num_exits, outputs.num_exits) / outputs.num_exits
     for policy in policies:
