@@ -136,7 +136,7 @@ class ConfidenceThreshold(Policy):
         values = torch.as_tensor(threshold, dtype=torch.float32).flatten()
         if torch.isnan(values).any():
             raise ValueError(f"policy.threshold must not be NaN, got {threshold}")
-        if score == "gate" and ((values < 0) | (values > 1)).any():
+        if score == "gate" and (torch.isfinite(values) & ((values < 0) | (values > 1))).any():  # inf: nobody leaves
             raise ValueError(f"policy.threshold must be a probability in [0, 1] with score=gate, got {threshold}")
         self.thresholds = self._internal(values)
 
