@@ -277,17 +277,35 @@ def build_objective(node: Any) -> Any:
 
 
 def load_run(run_dir: str | Path) -> tuple[DictConfig, DataSplits, EarlyExitNetwork]:
-    """Rebuild a finished run's data and trained network from its directory (config, backbone
-    weights if it trained them, and ``exits.safetensors``: IMs, gates, exit policy state)."""
+    """A finished run's config, rebuilt data and trained network (CPU, eval mode), for
+    re-evaluation and benchmarks; works from any working directory.
+
+    Everything comes from the run's record ``run.json`` (``jei.predict``): the resolved config
+    with absolute paths, the backbone weights (the run's ``backbone.safetensors``, or the
+    recorded weights file, checked by SHA-256) and ``exits.safetensors`` (IMs, gates, exit
+    policy state, temperature). The dataset is rebuilt from the recorded config. To predict on
+    new inputs without any dataset, use ``jei.predict.load(run_dir)``.
+
+    A run trained before run records existed (no ``run.json``) is rebuilt from
+    ``.hydra/config.yaml``, whose relative paths are then relative to the current directory.
+    """
+    from jei.predict import RECORD, build_network, read_record
+
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / RECORD).is_file() and (run_dir / ".hydra" / "config.yaml").is_file():
+        return _load_legacy_run(run_dir)
+    record = read_record(run_dir)
+    cfg = OmegaConf.create(record["config"])
+    return cfg, build_data(cfg.data), build_network(record, run_dir)
+
+
+def _load_legacy_run(run_dir: Path) -> tuple[DictConfig, DataSplits, EarlyExitNetwork]:
     from safetensors.torch import load_file
 
-    run_dir = Path(run_dir)
-    config_file = run_dir / ".hydra" / "config.yaml"
     exits_file = run_dir / "exits.safetensors"
-    for needed in (config_file, exits_file):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{needed} is missing: is {run_dir} the directory of a finished jei-train run?")
-    cfg = OmegaConf.load(config_file)
+    if not exits_file.is_file():
+        raise FileNotFoundError(f"{exits_file} is missing: is {run_dir} the directory of a finished jei-train run?")
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     trained_backbone = run_dir / "backbone.safetensors"
     if trained_backbone.is_file():
         cfg.backbone.weights = str(trained_backbone)

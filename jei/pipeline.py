@@ -45,6 +45,7 @@ from jei.features import AugmentedFeatures, CachedSplit, cached_split, to_device
 from jei.io import atomic_write, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
 from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability, plot_training_curves
+from jei.predict import write_run_record
 from jei.tracking import TrainingLog, tensorboard_mode
 from jei.train import BackboneTraining, ExitTraining, exit_outputs, fit_exits
 from jei.types import Objective
@@ -280,6 +281,7 @@ def run_experiment(
     plot_accuracy_cost(metrics, output_dir / "accuracy_cost.png")
     plot_reliability(metrics["calibration"], output_dir / "reliability.png")
     plot_training_curves(tracker.rows, output_dir / "training_curves.png")
+    write_run_record(output_dir, data, network, splits, settings, metrics)  # run.json, for jei.predict.load
     write_json(output_dir / "metrics.json", metrics)
     checkpoints.clear()  # finished: nothing to resume
     log.info(

@@ -99,7 +99,8 @@ def test_bad_input_from_the_command_line_exits_non_zero(tmp_path):
     result = jei_train("objective.cost_weight=-1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode != 0
     assert "objective.cost_weight must be >= 0" in result.stderr
-    assert {p.name for p in run_dir.glob("*")} <= {".hydra", "cli.log"}  # Hydra's record of the call only
+    assert {p.name for p in run_dir.glob("*")} <= {".hydra", "jei-train.log"}  # Hydra's record of the call only
+    assert "objective.cost_weight must be >= 0" in (run_dir / "jei-train.log").read_text()  # the job is jei-train
 
 
 def test_report_tabulates_finished_runs(tmp_path):
@@ -117,5 +118,6 @@ def test_report_tabulates_finished_runs(tmp_path):
         (run / "metrics.json").write_text(json.dumps(metrics))
     lines = table([tmp_path]).splitlines()
     assert len(lines) == 4
-    assert lines[2].startswith("| 0.1 | 95.00 | 0.900 | 96.00 | 91.00 | 89.00 | 1.50 | 90.00 | 2.00 |")
-    assert lines[3].startswith("| 0.5 | 90.00 | 0.500 |")
+    # Same data, backbone and method: sorted by expected cost; cost_weight is the setting that varies.
+    assert lines[2].startswith("| 0 | ? | ? | ? / auto | cost_weight=0.5 | 90.00 | 0.500 |")
+    assert lines[3] == "| 1 | ? | ? | ? / auto | cost_weight=0.1 | 95.00 | 0.900 | 96.00 | 91.00 | 89.00 | 1.50 | 90.00 | 2.00 |"

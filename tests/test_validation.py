@@ -2,7 +2,7 @@
 exit status 2, no traceback, nothing written to the run directory but the log.
 
 The table runs in-process (Hydra ``compose`` + ``jei.cli.train`` under ``jei.errors.cli_main``,
-with a file handler standing in for Hydra's ``<run dir>/cli.log``); a few subprocess runs of the
+with a file handler standing in for Hydra's ``<run dir>/jei-train.log``); a few subprocess runs of the
 real ``jei-train`` check the same end to end.
 """
 
@@ -150,7 +150,7 @@ def run_dir(tmp_path):
     """A run directory with Hydra's job log file attached to the root logger."""
     folder = tmp_path / "run"
     folder.mkdir()
-    handler = logging.FileHandler(folder / "cli.log")
+    handler = logging.FileHandler(folder / "jei-train.log")
     root = logging.getLogger()
     root.addHandler(handler)
     yield folder
@@ -181,13 +181,13 @@ def test_bad_setting_fails_in_one_line_before_any_work(run_dir, capsys, no_debug
     assert lines[0].startswith("jei-train: error: ")
     assert expected in lines[0]
     assert "Traceback" not in err
-    assert [p.name for p in run_dir.iterdir()] == ["cli.log"]  # nothing but the log
-    assert lines[0].removeprefix("jei-train: error: ") in (run_dir / "cli.log").read_text()
+    assert [p.name for p in run_dir.iterdir()] == ["jei-train.log"]  # nothing but the log
+    assert lines[0].removeprefix("jei-train: error: ") in (run_dir / "jei-train.log").read_text()
 
 
 def test_the_log_file_keeps_the_traceback(run_dir, capsys, no_debug):
     run_train_main(compose_train("seed=abc"), run_dir)
-    log = (run_dir / "cli.log").read_text()
+    log = (run_dir / "jei-train.log").read_text()
     assert "Traceback" in log and "ConfigError: seed must be an integer" in log
     assert "Traceback" not in capsys.readouterr().err
 
@@ -395,8 +395,8 @@ def test_jei_train_reports_one_line_and_exits_2(tmp_path, override, expected):
     assert result.returncode == EXIT_CONFIG, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("jei-train: error: ") and expected in lines[0], result.stderr
-    assert {p.name for p in run_dir.iterdir()} <= {".hydra", "cli.log"}
-    assert expected in (run_dir / "cli.log").read_text()
+    assert {p.name for p in run_dir.iterdir()} <= {".hydra", "jei-train.log"}
+    assert expected in (run_dir / "jei-train.log").read_text()
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import SPLITS, TensorDataSplits, TensorSplit, split_indices
+from .base import SPLITS, ImagePreprocessing, TensorDataSplits, TensorSplit, split_indices
 
 FOLDERS = ("cifar-10-batches-py", "cifar-10-repacked-py")
 TRAIN_FILES = tuple(f"data_batch_{k}" for k in range(1, 6))
@@ -30,6 +30,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 }
 
 Arrays = tuple[np.ndarray, np.ndarray]  # pixels [N, 3, 32, 32] uint8, labels [N] int64
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def load_cifar10(
@@ -53,7 +54,10 @@ def load_cifar10(
     folder = _find_folder(Path(root).expanduser())
     train, test = _read_batches(folder, TRAIN_FILES), _read_batches(folder, (TEST_FILE,))
     test_index = torch.arange(len(test[1]))[:max_per_split]
-    return in_memory_splits(train, test, test_index, fractions, seed, max_per_split, normalize, 10, augment=True)
+    return in_memory_splits(
+        train, test, test_index, fractions, seed, max_per_split, normalize, 10, augment=True,
+        class_names=CLASS_NAMES, name="cifar10",
+    )
 
 
 def in_memory_splits(
@@ -66,25 +70,42 @@ def in_memory_splits(
     normalize: str,
     num_classes: int,
     augment: bool,
+    class_names: Sequence[str] | None = None,
+    name: str = "",
 ) -> TensorDataSplits:
     """Seeded train / val / cal splits of ``train`` by ``fractions``; the ``test_index`` rows of
-    ``test`` are the test split. Images become normalised float32; ``augment`` adds
-    ``RandomCropFlip`` for training batches."""
+    ``test`` are the test split. Images become normalised float32 (``image_preprocessing``);
+    ``augment`` adds ``RandomCropFlip`` for training batches."""
     check_fractions(fractions)
     mean, std = normalization(normalize)
+    height, width = train[0].shape[-2:]
+    preprocessing = image_preprocessing(normalize, height, width, class_names, name)
 
     def to_split(arrays: Arrays, index: Tensor) -> TensorSplit:
         # Only the chosen rows become float32: a whole training set would be 600 MB.
         pixels, labels = arrays[0][index.numpy()], arrays[1][index.numpy()]
-        images = torch.from_numpy(pixels).float().div_(255).sub_(mean).div_(std)
-        return TensorSplit(images, torch.from_numpy(labels))
+        return TensorSplit(preprocessing.normalize(torch.from_numpy(pixels)), torch.from_numpy(labels))
 
     parts = split_indices(len(train[1]), fractions, seed, max_per_split)
     splits = {name: to_split(train, index) for name, index in zip(SPLITS, parts)}
     splits["test"] = to_split(test, test_index)
     # Padding with black pixels (zero before normalisation), as torchvision's RandomCrop does.
     augment_fn = RandomCropFlip(padding=4, fill=(-mean / std).flatten()) if augment else None
-    return TensorDataSplits(splits, num_classes=num_classes, augment_fn=augment_fn)
+    return TensorDataSplits(splits, num_classes=num_classes, augment_fn=augment_fn, preprocessing=preprocessing)
+
+
+def image_preprocessing(
+    normalize: str, height: int, width: int, class_names: Sequence[str] | None = None, name: str = "",
+    resize: int | None = None,
+) -> ImagePreprocessing:
+    """8-bit RGB images: pixel / 255, then ``NORMALIZATIONS[normalize]`` per channel."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"data.normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+    mean, std = NORMALIZATIONS[normalize]
+    return ImagePreprocessing(
+        channels=3, height=int(height), width=int(width), mean=tuple(mean), std=tuple(std), max_value=255.0,
+        integer_levels=True, resize=resize, class_names=None if class_names is None else tuple(class_names), name=name,
+    )
 
 
 def check_fractions(fractions: Sequence[float]) -> None:

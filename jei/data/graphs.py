@@ -42,7 +42,7 @@ from torch_geometric.utils import degree
 
 from jei.io import RefusedFileError, torch_load_strict
 
-from .base import SPLITS, DataSplits, pick_split, split_indices
+from .base import SPLITS, DataSplits, GraphPreprocessing, pick_split, split_indices
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class GraphDataSplits(DataSplits):
     ``random_walk_pe``; ``edge_attr`` when the dataset has edge features.
 
     Attributes the pipeline passes to ``GraphGPS``: ``num_node_features`` (its
-    ``in_channels``), ``edge_dim`` (None without edge features) and ``pe_dim``.
+    ``in_channels``), ``edge_dim`` (None without edge features) and ``pe_dim``;
+    ``preprocessing`` (``GraphPreprocessing``) says how a new graph is prepared.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class GraphDataSplits(DataSplits):
         self.num_node_features = num_node_features
         self.edge_dim = edge_dim
         self.pe_dim = pe_dim
+        self.preprocessing = GraphPreprocessing(num_node_features, edge_dim, pe_dim)
         self._labels = {name: torch.cat([g.y.view(-1) for g in graphs]).long() for name, graphs in splits.items()}
         self.check()
 
@@ -126,7 +128,12 @@ def load_tu(
     (tu,) = _open_staged(source, _cache_root(cache_dir, "tu", pe_dim), dataset, open_at, lambda root: [open_at(root)])
     features = _degree_features(tu) if tu.num_node_features == 0 else None
     parts = split_indices(len(tu), fractions, seed, max_per_split)
-    return _graph_splits(tu, parts, tu.num_classes, pe_dim, features)
+    splits = _graph_splits(tu, parts, tu.num_classes, pe_dim, features)
+    splits.preprocessing = GraphPreprocessing(
+        splits.num_node_features, splits.edge_dim, pe_dim,
+        degree_features=None if features is None else features.max_degree, name=dataset,
+    )
+    return splits
 
 
 def load_superpixels(
@@ -170,7 +177,10 @@ def load_superpixels(
     num_classes = max(int(part.y.max()) for part in benchmark) + 1
     pooled = torch.utils.data.ConcatDataset(benchmark)
     parts = split_indices(len(pooled), fractions, seed, max_per_split)
-    return _graph_splits(pooled, parts, num_classes, pe_dim, _superpixel_features)
+    splits = _graph_splits(pooled, parts, num_classes, pe_dim, _superpixel_features)
+    # Node features: intensities then 2-d positions (``_superpixel_features``), as a new graph must give them.
+    splits.preprocessing = GraphPreprocessing(splits.num_node_features, splits.edge_dim, pe_dim, name=f"superpixels {dataset}")
+    return splits
 
 
 def _check_pe_dim(pe_dim: int) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import SPLITS, DataSplits, TensorDataSplits, pick_split, split_indices
-from .cifar import Arrays, BatchUnpickler, check_fractions, in_memory_splits, normalization
+from .cifar import Arrays, BatchUnpickler, check_fractions, image_preprocessing, in_memory_splits, normalization
 
 CIFAR100_FOLDER = "cifar-100-python"
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
@@ -44,7 +44,10 @@ def load_cifar100(
     """
     train, test = _read_cifar100(Path(root).expanduser())
     test_index = _test_subset(len(test[1]), seed, max_per_split)
-    return in_memory_splits(train, test, test_index, fractions, seed, max_per_split, normalize, 100, augment=True)
+    return in_memory_splits(
+        train, test, test_index, fractions, seed, max_per_split, normalize, 100, augment=True,
+        class_names=cifar100_class_names(Path(root).expanduser()), name="cifar100",
+    )
 
 
 def load_cifar100_lt(
@@ -70,7 +73,10 @@ def load_cifar100_lt(
     keep = long_tail_indices(labels, 100, imbalance_factor, seed)
     train = (pixels[keep], labels[keep])
     test_index = _test_subset(len(test[1]), seed, max_per_split)
-    return in_memory_splits(train, test, test_index, fractions, seed, max_per_split, normalize, 100, augment=True)
+    return in_memory_splits(
+        train, test, test_index, fractions, seed, max_per_split, normalize, 100, augment=True,
+        class_names=cifar100_class_names(Path(root).expanduser()), name="cifar100_lt",
+    )
 
 
 def load_svhn(
@@ -89,7 +95,10 @@ def load_svhn(
     folder = Path(root).expanduser()
     train, test = _read_svhn(folder, "train"), _read_svhn(folder, "test")
     test_index = _test_subset(len(test[1]), seed, max_per_split)
-    return in_memory_splits(train, test, test_index, fractions, seed, max_per_split, normalize, 10, augment=False)
+    return in_memory_splits(
+        train, test, test_index, fractions, seed, max_per_split, normalize, 10, augment=False,
+        class_names=tuple(str(digit) for digit in range(10)), name="svhn",
+    )
 
 
 def load_imagenet(
@@ -127,7 +136,11 @@ def load_imagenet(
         files[name], labels[name] = [train_files[i] for i in index.tolist()], train_labels[index]
     test_index = _test_subset(len(test_files), seed, max_per_split)
     files["test"], labels["test"] = [test_files[i] for i in test_index.tolist()], test_labels[test_index]
-    return ImageFolderSplits(files, labels, len(classes), img_size, round(img_size / crop_pct), normalize, num_workers)
+    splits = ImageFolderSplits(files, labels, len(classes), img_size, round(img_size / crop_pct), normalize, num_workers)
+    splits.preprocessing = image_preprocessing(
+        normalize, img_size, img_size, classes, "imagenet", resize=round(img_size / crop_pct)
+    )
+    return splits
 
 
 class ImageFolderSplits(DataSplits):
@@ -182,14 +195,21 @@ class ImageFolderSplits(DataSplits):
         from PIL import Image
 
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            scale = self.resize_size / min(image.size)
-            width, height = (max(self.img_size, round(side * scale)) for side in image.size)
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-            left, top = (width - self.img_size) // 2, (height - self.img_size) // 2
-            image = image.crop((left, top, left + self.img_size, top + self.img_size))
-            pixels = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)
+            pixels = resize_center_crop(image.convert("RGB"), self.resize_size, self.img_size)
+        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+
+
+def resize_center_crop(image, resize_size: int, crop_size: int) -> np.ndarray:
+    """A PIL image's shorter side resized (bicubic) to ``resize_size``, then its centre
+    ``crop_size`` square: uint8 [crop_size, crop_size, bands] (the ImageNet evaluation transform)."""
+    from PIL import Image
+
+    scale = resize_size / min(image.size)
+    width, height = (max(crop_size, round(side * scale)) for side in image.size)
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - crop_size) // 2, (height - crop_size) // 2
+    image = image.crop((left, top, left + crop_size, top + crop_size))
+    return np.asarray(image, dtype=np.uint8).copy()
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -211,6 +231,20 @@ def long_tail_indices(labels: np.ndarray, num_classes: int, imbalance_factor: fl
 
 
 # --- readers of the in-memory datasets -------------------------------------------------------
+
+
+def cifar100_class_names(root: Path) -> tuple[str, ...] | None:
+    """The fine label names from ``cifar-100-python/meta`` (None when the file is absent or unreadable)."""
+    for folder in (root, root / CIFAR100_FOLDER):
+        meta = folder / "meta"
+        if meta.is_file():
+            try:
+                with meta.open("rb") as handle:
+                    names = BatchUnpickler(handle, encoding="latin1").load()["fine_label_names"]
+            except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError):
+                return None
+            return tuple(str(name) for name in names)
+    return None
 
 
 def _read_cifar100(root: Path) -> tuple[Arrays, Arrays]:
