@@ -51,7 +51,12 @@ class FrozenBackbone(nn.Module, ABC):
         return state
 
     def select(self, state: Any, keep: Tensor) -> Any:
-        """The state of the samples at positions ``keep`` (a LongTensor), in that order."""
+        """The state of the samples at positions ``keep`` (a LongTensor), in that order.
+
+        Real early exit calls it only at an exit that some, but not all, samples leave.
+        """
+        if isinstance(state, Tensor):
+            return state.index_select(0, keep)  # one gather, no advanced-indexing machinery
         return state[keep]
 
     def batch_size(self, inputs: Any) -> int:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from jei.policies import JEIRule, select_state
+from jei.policies import JEIRule
 from jei.types import EarlyExitResult, ExitOutputs, ExitPolicy
 
 
@@ -65,9 +65,7 @@ class EarlyExitNetwork(nn.Module):
         return [im.pool(feature) for im, feature in zip(self.ims, out.features)], out.logits
 
     def _combine(self, logits: Tensor, previous: Tensor | None) -> Tensor:
-        if self.ensemble_decay == 0.0 or previous is None:
-            return logits
-        return logits + self.ensemble_decay * previous.detach().to(logits.dtype)
+        return combine(logits, previous, self.ensemble_decay)
 
     def _scaled(self, logits: Tensor, index: int) -> Tensor:
         return logits / self.temperature[index].to(logits.dtype)
@@ -87,35 +85,126 @@ class EarlyExitNetwork(nn.Module):
 
     @torch.no_grad()
     def early_exit(self, inputs: Any) -> EarlyExitResult:
-        """Real early-exit inference: stop computing each sample at the exit it takes."""
-        backbone, policy = self.backbone, self.policy
-        total = backbone.batch_size(inputs)
-        state = backbone.begin(inputs)
-        active = torch.arange(total)  # original positions of the samples still running
-        decision: dict[str, Tensor] | None = None
-        previous: Tensor | None = None  # the last exit's prediction, for ensembles
-        logits_out: Tensor | None = None
-        exit_index = torch.full((total,), self.num_gates, dtype=torch.long)
-        for index, (im, gate) in enumerate(zip(self.ims, self.gates)):
-            state = backbone.run_segment(index, state)
-            raw = self._combine(im(backbone.represent(index, state)), previous)
-            logits = self._scaled(raw, index)
-            if logits_out is None:
-                logits_out = logits.new_zeros(total, logits.shape[-1])
-                decision = policy.begin(total, logits.device)
-            leaving, decision = policy.step(index, logits, gate(logits), decision)
-            leaving_cpu = leaving.cpu()
-            logits_out[active[leaving_cpu]] = logits[leaving]
-            exit_index[active[leaving_cpu]] = index
-            staying = (~leaving).nonzero().squeeze(-1)
-            active = active[~leaving_cpu]
-            if active.numel() == 0:
-                return EarlyExitResult(logits=logits_out, exit_index=exit_index)
-            decision, previous = select_state(decision, staying), raw[staying]
-            state = backbone.select(state, staying)
-        final = self._combine(backbone.run_segment(self.num_gates, state).to(logits_out.dtype), previous)
-        logits_out[active] = self._scaled(final, self.num_gates)
-        return EarlyExitResult(logits=logits_out, exit_index=exit_index)
+        """Real early-exit inference: stop computing each sample at the exit it takes.
+
+        Gives exactly the all-exits pass's exits and predictions (``predict_from_outputs``);
+        ``stream_exits`` says how the work per exit is kept small. ``exit_index`` is on the
+        logits' device.
+        """
+        backbone, ims, gates = self.backbone, list(self.ims), list(self.gates)
+        return stream_exits(
+            backbone.begin(inputs),
+            backbone.batch_size(inputs),
+            self.num_gates,
+            segment=backbone.run_segment,
+            head=lambda index, state: ims[index](backbone.represent(index, state)),
+            gate=lambda index, logits: gates[index](logits),
+            select=backbone.select,
+            policy=self.policy,
+            temperature=self.temperature,
+            ensemble_decay=self.ensemble_decay,
+        )
+
+
+def combine(logits: Tensor, previous: Tensor | None, ensemble_decay: float) -> Tensor:
+    """Exit l's prediction with an ensemble: out_l + decay * F_{l-1} (previous detached)."""
+    if ensemble_decay == 0.0 or previous is None:
+        return logits
+    return logits + ensemble_decay * previous.detach().to(logits.dtype)
+
+
+def stream_exits(
+    state: Any,
+    total: int,
+    num_gates: int,
+    *,
+    segment: Callable[[int, Any], Any],
+    head: Callable[[int, Any], Tensor],
+    gate: Callable[[int, Tensor], Tensor],
+    select: Callable[[Any, Tensor], Any],
+    policy: ExitPolicy,
+    temperature: Tensor,
+    ensemble_decay: float = 0.0,
+) -> EarlyExitResult:
+    """The real early-exit loop over a chain of parts, shared by ``EarlyExitNetwork.early_exit``
+    and the exported chain (``jei.export``).
+
+    ``state`` is the input state (``backbone.begin(inputs)``) of ``total`` samples;
+    ``segment(i, state)`` advances it through segment i (segment ``num_gates``: the backbone's
+    logits); ``head(i, state)`` is IM i's raw logits; ``gate(i, logits)`` gate i's logit;
+    ``select(state, keep)`` the state of the samples at positions ``keep``. Exit i's logits are
+    ``combine``d with the previous exit's (ensembles) and divided by ``temperature[i]``, exactly
+    as in ``EarlyExitNetwork.from_pooled``; ``policy`` decides who leaves.
+
+    The work per exit is kept small:
+    - one device-to-host read per exit (how many samples leave; plus one per call, which
+      temperatures are 1) and nothing else: positions and exits stay on the logits' device,
+      the split into staying and leaving samples is one stable ``argsort``, and the output is
+      assembled once, at the end;
+    - nothing is compacted at an exit no sample leaves, and once every sample has left no
+      later segment runs;
+    - compaction is one ``index_select`` each of the backbone state, the policy state and
+      (with an ensemble) the previous prediction;
+    - gates are not evaluated for a policy that does not read them (``uses_gates`` False);
+    - a division by a temperature of exactly 1 is skipped (it would change nothing).
+    """
+    read_gates = getattr(policy, "uses_gates", True)
+    unit = (temperature == 1).tolist()
+    running = total
+    active: Tensor | None = None  # original positions of the running samples; None: all, in order
+    decision: dict[str, Tensor] | None = None
+    previous: Tensor | None = None  # the last exit's prediction, for ensembles
+    left: list[tuple[Tensor | None, int, Tensor]] = []  # (positions or None: all, exit, logits)
+    dtype = None  # the first exit's logits' dtype: the output's, as in the all-exits pass
+    for index in range(num_gates):
+        state = segment(index, state)
+        raw = combine(head(index, state), previous, ensemble_decay)
+        logits = raw if unit[index] else raw / temperature[index].to(raw.dtype)
+        if decision is None:
+            decision, dtype = policy.begin(total, logits.device), logits.dtype
+        gate_logit = gate(index, logits) if read_gates else logits.new_zeros(running)
+        leaving, decision = policy.step(index, logits, gate_logit, decision)
+        # The one device-to-host read of this exit.
+        count = int(leaving.item()) if running == 1 else int(leaving.sum())
+        if count == running:  # everyone left: no later segment runs
+            left.append((active, index, logits))
+            return _assemble(left, total, dtype)
+        if count == 0:  # nobody left: nothing to compact
+            previous = raw
+            continue
+        # Staying samples first, then leaving ones, each in batch order: no further sync.
+        order = torch.argsort(leaving.to(torch.uint8), stable=True)
+        stay, leave = order[: running - count], order[running - count :]
+        left.append((leave if active is None else active.index_select(0, leave), index, logits.index_select(0, leave)))
+        active = stay if active is None else active.index_select(0, stay)
+        running -= count
+        decision = {key: _take(value, stay) for key, value in decision.items()}
+        previous = raw.index_select(0, stay) if ensemble_decay != 0.0 else None
+        state = select(state, stay)
+    final = combine(segment(num_gates, state).to(dtype), previous, ensemble_decay)
+    scaled = final if unit[num_gates] else final / temperature[num_gates].to(final.dtype)
+    left.append((active, num_gates, scaled))
+    return _assemble(left, total, dtype)
+
+
+def _take(value: Tensor, keep: Tensor) -> Tensor:
+    """Rows ``keep`` of a policy-state tensor (what ``jei.policies.select_state`` does)."""
+    return value.index_select(0, keep) if value.dim() > 0 else value[keep]
+
+
+def _assemble(left: list[tuple[Tensor | None, int, Tensor]], total: int, dtype: torch.dtype) -> EarlyExitResult:
+    """The result, in input order, from the groups of samples that left: (their positions, or
+    None for all samples in order; the exit; their logits)."""
+    positions, index, logits = left[0]
+    if len(left) == 1 and positions is None:  # all left at one exit, before any compaction
+        exit_index = torch.full((total,), index, dtype=torch.long, device=logits.device)
+        return EarlyExitResult(logits=logits.to(dtype), exit_index=exit_index)
+    out = logits.new_empty((total, logits.shape[-1]), dtype=dtype)
+    exit_index = torch.empty(total, dtype=torch.long, device=logits.device)
+    for positions, index, logits in left:
+        out.index_copy_(0, positions, logits.to(dtype))
+        exit_index.index_fill_(0, positions, index)
+    return EarlyExitResult(logits=out, exit_index=exit_index)
 
 
 def predict_from_outputs(outputs: ExitOutputs, policy: ExitPolicy | None = None) -> EarlyExitResult:
