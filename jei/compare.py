@@ -170,6 +170,9 @@ def oracle_points(folds: list[Trained], costs: Tensor, grid: list[float]) -> lis
     extra = (costs[earliest] - costs[0])[any_correct].sort().values  # cost of making each correct
     spent = torch.cumsum(extra, dim=0) / n
     for budget in grid:
+        if budget < costs[0] - 1e-6:  # below the first exit's cost: no way to spend so little
+            points.append({"kind": "budgeted", "expected_cost": budget, "accuracy": None})
+            continue
         affordable = int((spent <= budget - costs[0] + 1e-6).sum())  # costs arrive as float32
         points.append({"kind": "budgeted", "expected_cost": budget, "accuracy": affordable / n})
     return points
@@ -249,7 +252,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for method, curve in by_method.items():
         curve.sort()
         axis.plot([c for c, _ in curve], [100 * a for _, a in curve], marker="o", markersize=3, label=method)
-    oracle = sorted((p["expected_cost"], p["accuracy"]) for p in result["oracle"] if p["kind"] == "budgeted")
+    oracle = sorted((p["expected_cost"], p["accuracy"]) for p in result["oracle"]
+                    if p["kind"] == "budgeted" and p["accuracy"] is not None)
     axis.plot([c for c, _ in oracle], [100 * a for _, a in oracle], "k--", label="oracle (budgeted)")
     axis.set_xlabel("expected cost (fraction of the backbone's mul-adds)")
     axis.set_ylabel("test accuracy (%)")

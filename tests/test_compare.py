@@ -96,7 +96,8 @@ def test_oracle_sends_each_sample_to_its_earliest_correct_exit():
     outputs = ExitOutputs(logits, torch.zeros(4, 2))
     trained = Trained({s: outputs for s in ("val", "cal", "test")}, {s: labels for s in ("val", "cal", "test")})
     costs = torch.tensor([0.2, 0.5, 1.0])
-    earliest, *budgeted = oracle_points([trained], costs, [0.2, 0.275, 0.5])
+    earliest, *budgeted, = oracle_points([trained], costs, [0.2, 0.275, 0.5])
+    assert oracle_points([trained], costs, [0.1])[1]["accuracy"] is None  # cheaper than any exit
     assert earliest["accuracy"] == 0.75 and earliest["expected_cost"] == pytest.approx((0.2 + 0.5 + 1.0 + 1.0) / 4)
     assert [p["accuracy"] for p in budgeted] == [0.25, 0.5, 0.75]
 
