@@ -26,7 +26,7 @@ from jei.model import EarlyExitNetwork
 from jei.pipeline import RunSettings
 from jei.registry import BACKBONES, DATASETS, GATES, IMS, OBJECTIVES, POLICIES, Registry
 from jei.train import BackboneTraining, ExitTraining, OptimizerSettings
-from jei.validate import boolean, integer, number, sequence, string
+from jei.validate import boolean, choice, integer, number, sequence, string
 
 
 def to_plain(node: Any) -> Any:
@@ -266,6 +266,7 @@ def build_settings(cfg: DictConfig) -> RunSettings:
         backbone_training=backbone_training,
         exit_training=_settings(ExitTraining, trainer.exits, "trainer.exits"),
         feature_cache_dir=cache_dir,
+        feature_dtype=choice(trainer.get("feature_dtype", "float32"), "trainer.feature_dtype", ("float32", "float16")),
         data_fingerprint=data_fingerprint(cfg.data),
         eval_batch_size=integer(trainer.eval_batch_size, "trainer.eval_batch_size", minimum=1, hint="e.g. 256"),
         conformal=_settings(ConformalSettings, cfg.conformal, "conformal"),

@@ -3,9 +3,16 @@
 The backbone is frozen and (without augmentation) deterministic, so each exit's pooled
 representation is a fixed function of the input; IMs and gates then train from the cache at a
 fraction of the cost of re-running the backbone (METHOD §5). The cache key hashes the backbone's
-weights, the IMs' pooling, the split's inputs and labels and the data settings, so a stale cache
-is never reused; each entry records its key, split, shapes and checksum and is verified on load,
-and a bad entry is recomputed (``cached_split``).
+weights, the IMs' pooling, the split's inputs and labels, the data settings and the stored dtype,
+so a stale cache is never reused; each entry records its key, split, shapes and checksums and is
+verified on load, and a bad entry is recomputed (``cached_split``).
+
+An entry is one safetensors file per split. Small entries (data up to ``IN_MEMORY_MAX_BYTES``)
+are computed in memory, loaded whole and checksummed at every load, as before. Larger ones
+(ImageNet-sized splits) never sit in memory: they are streamed to disk batch by batch as they are
+computed (``_EntryWriter``: memory O(batch)), checksummed once after writing, and memory-mapped
+on load (``MappedSplit``), where each training batch gathers its rows from the mapping. Features
+can be stored as float16 (``dtype``), half the disk and page cache; batches come back float32.
 """
 
 from __future__ import annotations
@@ -13,26 +20,58 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import os
+import struct
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from jei.data.base import DataSplits, TensorDataSplits, pick_split
-from jei.io import atomic_write, remove_stale_temp_files
+from jei.io import atomic_path, atomic_write, remove_stale_temp_files
 from jei.model import EarlyExitNetwork
 
 log = logging.getLogger(__name__)
 
+FEATURE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+# Entries whose data (all tensors) is at most this size are held in memory; larger ones are
+# streamed to disk while computed and memory-mapped when read. 1 GiB: below it, holding a copy
+# costs little on any machine that trains on such data, and reading is a plain tensor gather.
+IN_MEMORY_MAX_BYTES = 1 << 30
+
+
+def feature_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"float16"`` (or the torch dtype) -> the torch dtype; ``ValueError`` otherwise."""
+    if isinstance(dtype, torch.dtype) and dtype in FEATURE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in FEATURE_DTYPES:
+        return FEATURE_DTYPES[dtype]
+    raise ValueError(f"the feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype!r}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _widen(tensor: Tensor) -> Tensor:
+    """Half-precision features as float32 (what IMs compute in); anything else as it is."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
 
 @dataclass
 class CachedSplit:
-    """Pooled features per exit (``[N, D_l]`` each), backbone logits ``[N, K]``, labels ``[N]``."""
+    """Pooled features per exit (``[N, D_l]`` each), backbone logits ``[N, K]``, labels ``[N]``.
+
+    The tensors may be float16 (``feature_dtype``); ``batch`` returns them as float32.
+    """
 
     pooled: list[Tensor]
     final_logits: Tensor
@@ -46,11 +85,42 @@ class CachedSplit:
         return self
 
     def batch(self, index: Tensor, device: torch.device) -> tuple[list[Tensor], Tensor, Tensor]:
-        return (
-            [p[index].to(device) for p in self.pooled],
-            self.final_logits[index].to(device),
-            self.labels[index].to(device),
+        index = torch.as_tensor(index, dtype=torch.long, device=self.labels.device)
+        return (  # index_select: the same rows as p[index], copied faster
+            [_widen(p.index_select(0, index).to(device)) for p in self.pooled],
+            _widen(self.final_logits.index_select(0, index).to(device)),
+            self.labels.index_select(0, index).to(device),
         )
+
+
+@dataclass
+class MappedSplit(CachedSplit):
+    """A ``CachedSplit`` whose ``pooled`` and ``final_logits`` are read-only memory-mapped views
+    of the cache entry at ``path`` (``labels`` are in memory). Reading them reads from the page
+    cache (or the disk), so the split never needs to fit in memory. ``batch`` gathers rows with
+    numpy (about twice as fast as torch's indexing on one thread). ``sort_rows`` reads each
+    batch's rows in file order, then puts them back in the requested order: measured
+    (``benchmarks/feature_cache.py``), it costs 5-30% when the file is in the page cache and
+    gains 6% when it is not (on an SSD-backed disk), so it is off by default; it may pay on
+    spinning or network disks. Never write into these tensors."""
+
+    path: Path | None = None
+    sort_rows: bool = False
+
+    def batch(self, index: Tensor, device: torch.device) -> tuple[list[Tensor], Tensor, Tensor]:
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        rows = index.numpy()
+        restore = None
+        if self.sort_rows and len(rows) > 1:
+            order = np.argsort(rows, kind="stable")
+            rows, restore = rows[order], np.empty_like(order)
+            restore[order] = np.arange(len(order))
+
+        def gather(tensor: Tensor) -> Tensor:
+            picked = np.take(tensor.numpy(), rows, axis=0)
+            return _widen(torch.from_numpy(picked if restore is None else picked[restore]).to(device))
+
+        return [gather(p) for p in self.pooled], gather(self.final_logits), self.labels[index].to(device)
 
 
 def to_device(inputs: object, device: torch.device) -> object:
@@ -59,6 +129,37 @@ def to_device(inputs: object, device: torch.device) -> object:
 
 
 @torch.no_grad()
+def _feature_batches(
+    network: EarlyExitNetwork,
+    data: DataSplits,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    augment: bool = False,
+    seed: int = 0,
+) -> Iterator[tuple[list[Tensor], Tensor, Tensor]]:
+    """The split's pooled features, backbone logits (in ``dtype``, on the CPU) and labels, batch by batch."""
+    total = (data.size(split) + batch_size - 1) // batch_size
+    if augment:
+        torch.manual_seed(seed)  # augmentations draw from the global generator
+    batches = data.batches(split, batch_size, augment=augment)
+    for inputs, y in tqdm(batches, total=total, desc=f"features[{split}]", leave=False):
+        features, final = network.pooled_features(to_device(inputs, device))
+        yield [f.to(dtype).cpu() for f in features], final.to(dtype).cpu(), y.cpu()
+
+
+def _collect(batches: Iterable[tuple[list[Tensor], Tensor, Tensor]], num_exits: int) -> CachedSplit:
+    pooled: list[list[Tensor]] = [[] for _ in range(num_exits)]
+    logits, labels = [], []
+    for features, final, y in batches:
+        for store, feature in zip(pooled, features):
+            store.append(feature)
+        logits.append(final)
+        labels.append(y)
+    return CachedSplit([torch.cat(p) for p in pooled], torch.cat(logits), torch.cat(labels))
+
+
 def compute_split(
     network: EarlyExitNetwork,
     data: DataSplits,
@@ -67,21 +168,11 @@ def compute_split(
     device: torch.device,
     augment: bool = False,
     seed: int = 0,
+    dtype: str | torch.dtype = "float32",
 ) -> CachedSplit:
-    """Pooled features of a whole split; with ``augment``, of one augmented pass over it."""
-    pooled: list[list[Tensor]] = [[] for _ in range(network.num_gates)]
-    logits, labels = [], []
-    total = (data.size(split) + batch_size - 1) // batch_size
-    if augment:
-        torch.manual_seed(seed)  # augmentations draw from the global generator
-    batches = data.batches(split, batch_size, augment=augment)
-    for inputs, y in tqdm(batches, total=total, desc=f"features[{split}]", leave=False):
-        features, final = network.pooled_features(to_device(inputs, device))
-        for store, feature in zip(pooled, features):
-            store.append(feature.float().cpu())
-        logits.append(final.float().cpu())
-        labels.append(y.cpu())
-    return CachedSplit([torch.cat(p) for p in pooled], torch.cat(logits), torch.cat(labels))
+    """Pooled features of a whole split, in memory; with ``augment``, of one augmented pass over it."""
+    batches = _feature_batches(network, data, split, batch_size, device, feature_dtype(dtype), augment, seed)
+    return _collect(batches, network.num_gates)
 
 
 @contextmanager
@@ -100,9 +191,16 @@ class AugmentedFeatures:
     """Training features drawn anew each epoch from an augmented pass (no cache possible)."""
 
     def __init__(
-        self, network: EarlyExitNetwork, data: DataSplits, batch_size: int, device: torch.device, seed: int
+        self,
+        network: EarlyExitNetwork,
+        data: DataSplits,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        dtype: str | torch.dtype = "float32",
     ) -> None:
         self.network, self.data, self.batch_size, self.device, self.seed = network, data, batch_size, device, seed
+        self.dtype = feature_dtype(dtype)
         self.threads = torch.get_num_threads()  # the backbone pass gets all of them back
 
     def __len__(self) -> int:
@@ -111,7 +209,8 @@ class AugmentedFeatures:
     def for_epoch(self, epoch: int) -> CachedSplit:
         with cpu_threads(self.device, self.threads):
             return compute_split(
-                self.network, self.data, "train", self.batch_size, self.device, augment=True, seed=self.seed + epoch
+                self.network, self.data, "train", self.batch_size, self.device, augment=True, seed=self.seed + epoch,
+                dtype=self.dtype,
             )
 
 
@@ -176,10 +275,13 @@ def _hash_value(digest: Any, value: Any) -> None:
         raise TypeError(f"cannot hash inputs of type {type(value).__qualname__} for the feature cache key")
 
 
-def cache_key(network: EarlyExitNetwork, data: DataSplits, split: str, fingerprint: str) -> str:
+def cache_key(
+    network: EarlyExitNetwork, data: DataSplits, split: str, fingerprint: str, dtype: str | torch.dtype = "float32"
+) -> str:
     """Hash of what the features depend on: the backbone's weights, the IMs' pooling, the
-    split's inputs (``input_digest``), labels and size, and ``fingerprint`` (the data settings)."""
-    digest = hashlib.sha256(f"{CACHE_FORMAT}\0{fingerprint}".encode())
+    split's inputs (``input_digest``), labels and size, ``fingerprint`` (the data settings) and
+    the ``dtype`` they are stored in."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\0{fingerprint}\0{_dtype_name(feature_dtype(dtype))}".encode())
     for name, tensor in sorted(network.backbone.state_dict().items()):
         digest.update(name.encode())
         _hash_value(digest, tensor)
@@ -196,21 +298,58 @@ def cache_key(network: EarlyExitNetwork, data: DataSplits, split: str, fingerpri
 # --- cache entries ---------------------------------------------------------------------------
 #
 # One safetensors file per split, ``<key>-<split>.safetensors``: tensors ``pooled.<l>``,
-# ``final_logits`` and ``labels``, and a JSON header recording the format, key, split, shapes and
-# a sha256 of the tensors. safetensors rather than torch.save: loading it parses a JSON header
-# and copies bytes, with no unpickler at all (``weights_only=True`` is a restricted unpickler,
-# still a pickle parser), and a truncated file fails at open with a precise reason.
+# ``final_logits`` and ``labels``, and a JSON header recording the format, key, split, number of
+# samples, shapes, feature dtype, a sha256 of each tensor's bytes (``tensor_sha256``) and one over
+# them all (``sha256``). safetensors rather than torch.save: loading it parses a JSON header and
+# copies bytes, with no unpickler at all (``weights_only=True`` is a restricted unpickler, still a
+# pickle parser), and a truncated file fails at open with a precise reason. Its layout (8-byte
+# header length, header, then each tensor's raw little-endian bytes at recorded offsets) is also
+# what lets a large entry be written row block by row block and memory-mapped tensor by tensor.
+#
+# Integrity. Always, at every load: the header parses and covers the file exactly (a truncated
+# or extended file is refused), the format, key, split, tensor names, shapes, dtypes and sample
+# count match, and the labels equal the split's (and their checksum). Entries loaded whole
+# (small) also have every tensor's checksum verified: reading them costs as much anyway. For a
+# memory-mapped entry, hashing every byte at each load would cost a full read of the file
+# (tens of GB for ImageNet) before the first batch, so its checksums are verified once, by reading
+# the written file back before it is renamed into place, and again on request
+# (``read_entry(..., verify=True)``, ``cached_split(..., verify=True)``, or
+# ``python -m jei.features verify <folder or file>...``). Entries are only ever replaced by
+# rename, never rewritten in place, so a file a run has mapped does not change under it.
 
-CACHE_FORMAT = "jei-features/2"
-STALE_TEMP_AFTER_S = 15 * 60  # a write takes seconds; older temporary files are orphans
+CACHE_FORMAT = "jei-features/3"
+STALE_TEMP_AFTER_S = 15 * 60  # a temporary file not written to for this long is an orphan
+# (a streamed write touches its file with every batch, so a live one is always recent)
+
+_ST_DTYPES = {
+    torch.float32: ("F32", np.float32),
+    torch.float16: ("F16", np.float16),
+    torch.float64: ("F64", np.float64),
+    torch.int64: ("I64", np.int64),
+    torch.int32: ("I32", np.int32),
+    torch.uint8: ("U8", np.uint8),
+}
+_NUMPY_BY_CODE = {code: np_dtype for code, np_dtype in _ST_DTYPES.values()}
+_TORCH_BY_CODE = {code: dtype for dtype, (code, _) in _ST_DTYPES.items()}
+_CHUNK = 16 << 20  # bytes read at a time when checksumming a file
 
 
 class CacheEntryError(Exception):
     """A cache entry that cannot be used (damaged, or not the entry for this key and split)."""
 
 
+class CacheWriteError(Exception):
+    """The cache folder could not take an entry (unwritable, full, or the written file failed
+    verification). The computation itself went fine."""
+
+
 def entry_path(cache_dir: Path, key: str, split: str) -> Path:
     return Path(cache_dir) / f"{key}-{split}.safetensors"
+
+
+def _entry_names(num_exits: int) -> list[str]:
+    """Tensor names in file order: int64 labels first, so every float tensor stays aligned."""
+    return ["labels", "final_logits", *(f"pooled.{i}" for i in range(num_exits))]
 
 
 def _entry_tensors(result: CachedSplit) -> dict[str, Tensor]:
@@ -220,27 +359,44 @@ def _entry_tensors(result: CachedSplit) -> dict[str, Tensor]:
     return tensors
 
 
-def _checksum(tensors: Mapping[str, Tensor]) -> str:
+def _tensor_sha256(tensor: Tensor) -> str:
+    tensor = tensor.detach().cpu().contiguous()
     digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        _hash_value(digest, tensors[name])
+    if tensor.numel():
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
-def write_entry(path: Path, result: CachedSplit, key: str, split: str) -> None:
-    """Store ``result`` atomically at ``path`` with its key, split, shapes and checksum."""
-    from safetensors.torch import save_file
+def _combined_sha256(digests: Mapping[str, str]) -> str:
+    """One checksum over the per-tensor ones (64 hex digits, as the header records it)."""
+    digest = hashlib.sha256()
+    for name in sorted(digests):
+        digest.update(f"{name}\0{digests[name]}\n".encode())
+    return digest.hexdigest()
 
-    tensors = _entry_tensors(result)
-    metadata = {
+
+def _metadata(key: str, split: str, shapes: Mapping[str, list[int]], dtype: torch.dtype, digests: Mapping[str, str]) -> dict[str, str]:
+    return {
         "format": CACHE_FORMAT,
         "key": key,
         "split": split,
-        "num_samples": str(len(result.labels)),
-        "shapes": json.dumps({name: list(t.shape) for name, t in sorted(tensors.items())}),
-        "sha256": _checksum(tensors),
+        "num_samples": str(shapes["labels"][0]),
+        "dtype": _dtype_name(dtype),
+        "shapes": json.dumps({name: list(shapes[name]) for name in sorted(shapes)}),
+        "tensor_sha256": json.dumps({name: digests[name] for name in sorted(digests)}),
+        "sha256": _combined_sha256(digests),
     }
+
+
+def write_entry(path: Path, result: CachedSplit, key: str, split: str) -> None:
+    """Store an in-memory ``result`` atomically at ``path`` with its key, split, shapes and checksums."""
+    from safetensors.torch import save_file
+
+    tensors = _entry_tensors(result)
+    metadata = _metadata(
+        key, split, {n: list(t.shape) for n, t in tensors.items()}, result.final_logits.dtype,
+        {n: _tensor_sha256(t) for n, t in tensors.items()},
+    )
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -256,15 +412,267 @@ def _read_header(path: Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
-def read_entry(path: Path, key: str, split: str, labels: Tensor, num_exits: int) -> CachedSplit:
-    """Load and verify the entry at ``path``; ``CacheEntryError`` says what is wrong with it."""
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _st_header(specs: Mapping[str, tuple[str, list[int], int, int]], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors header (8-byte length + JSON padded with spaces to 8 bytes)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    for name, (code, shape, begin, end) in specs.items():
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [begin, end]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class _EntryWriter:
+    """Streams a split's features into the safetensors file ``tmp`` while they are computed.
+
+    The split's size is known, and the first batch gives every row's shape and dtype, so the
+    layout is fixed then: the header (with placeholder checksums of the final length) is written
+    and the file extended to its full size. Each batch's rows of each tensor are one contiguous
+    block, written in place (``os.pwrite``: no memory map, so nothing accumulates in the process)
+    while a sha256 per tensor is updated; only the current batch is ever held. ``finish`` writes
+    the real checksums into the header and verifies them by reading the file back. Filesystem
+    failures raise ``CacheWriteError``; a source that gives the wrong rows raises ``ValueError``.
+    """
+
+    def __init__(self, tmp: Path, num_samples: int, key: str, split: str) -> None:
+        self.tmp, self.num_samples, self.key, self.split = Path(tmp), num_samples, key, split
+        self.fd: int | None = None
+        self.rows = 0
+        self.specs: dict[str, tuple[str, list[int], int, int]] = {}
+        self.row_bytes: dict[str, int] = {}
+        self.digests: dict[str, Any] = {}
+        self.dtype: torch.dtype | None = None
+        self.data_start = 0
+
+    def _header(self, digests: Mapping[str, str]) -> bytes:
+        shapes = {name: spec[1] for name, spec in self.specs.items()}
+        return _st_header(self.specs, _metadata(self.key, self.split, shapes, self.dtype, digests))
+
+    def _open(self, tensors: Mapping[str, Tensor]) -> None:
+        self.dtype = tensors["final_logits"].dtype
+        offset = 0
+        for name, tensor in tensors.items():
+            if tensor.dtype not in _ST_DTYPES:
+                raise ValueError(f"feature cache: cannot store {name} of dtype {tensor.dtype}")
+            row_shape = list(tensor.shape[1:])
+            row_bytes = int(np.prod(row_shape, dtype=np.int64)) * tensor.element_size()
+            size = row_bytes * self.num_samples
+            self.specs[name] = (_ST_DTYPES[tensor.dtype][0], [self.num_samples, *row_shape], offset, offset + size)
+            self.row_bytes[name] = row_bytes
+            self.digests[name] = hashlib.sha256()
+            offset += size
+        header = self._header({name: "0" * 64 for name in tensors})
+        self.data_start = len(header)
+        try:
+            self.fd = os.open(self.tmp, os.O_RDWR)
+            os.ftruncate(self.fd, self.data_start + offset)
+            _pwrite_all(self.fd, header, 0)
+        except OSError as err:
+            raise CacheWriteError(f"{type(err).__name__}: {err}") from err
+
+    def write(self, pooled: list[Tensor], final: Tensor, labels: Tensor) -> None:
+        tensors = dict(zip(_entry_names(len(pooled)), [labels, final, *pooled]))
+        if self.fd is None:
+            self._open(tensors)
+        count = len(labels)
+        if self.rows + count > self.num_samples:
+            raise ValueError(f"feature cache: the {self.split!r} split gave more than its {self.num_samples} samples")
+        for name, tensor in tensors.items():
+            code, shape, begin, _ = self.specs[name]
+            if _ST_DTYPES.get(tensor.dtype, ("?",))[0] != code or list(tensor.shape) != [count, *shape[1:]]:
+                raise ValueError(
+                    f"feature cache: batch tensor {name} is {tensor.dtype} {list(tensor.shape)}, "
+                    f"the first batch's was {code} {[count, *shape[1:]]}"
+                )
+            data = tensor.detach().cpu().contiguous().numpy()
+            try:
+                _pwrite_all(self.fd, data, self.data_start + begin + self.rows * self.row_bytes[name])
+            except OSError as err:
+                raise CacheWriteError(f"{type(err).__name__}: {err}") from err
+            self.digests[name].update(data)
+        self.rows += count
+
+    def finish(self) -> None:
+        if self.rows != self.num_samples:
+            raise ValueError(f"feature cache: the {self.split!r} split gave {self.rows} samples, its size is {self.num_samples}")
+        digests = {name: d.hexdigest() for name, d in self.digests.items()}
+        header = self._header(digests)
+        if len(header) != self.data_start:  # cannot happen: same names, same-length digests
+            raise AssertionError("feature cache: the final header changed length")
+        try:
+            _pwrite_all(self.fd, header, 0)
+            os.fsync(self.fd)
+        except OSError as err:
+            raise CacheWriteError(f"{type(err).__name__}: {err}") from err
+        self.close()
+        try:  # the checksum, once: what is on disk is what was computed
+            problems = verify_file(self.tmp)
+        except (OSError, CacheEntryError) as err:
+            raise CacheWriteError(f"the written file does not read back ({err})") from err
+        if problems:
+            raise CacheWriteError(f"the written file does not read back ({'; '.join(problems)})")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class _Layout:
+    """Where each tensor of a safetensors file lies: name -> (dtype code, shape, begin, end)."""
+
+    tensors: dict[str, tuple[str, list[int], int, int]]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+    @property
+    def data_bytes(self) -> int:
+        return self.file_size - self.data_start
+
+
+def _read_layout(path: Path) -> _Layout:
+    """Parse a safetensors header; ``CacheEntryError`` unless it describes the file exactly."""
+    try:
+        with open(path, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CacheEntryError(f"is unreadable ({file_size} bytes: no safetensors header)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(file_size - 8, 100 << 20):
+                raise CacheEntryError(f"is unreadable (its header length {length} exceeds the file's {file_size} bytes)")
+            header = json.loads(handle.read(length))
+    except CacheEntryError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise CacheEntryError(f"is unreadable ({type(err).__name__}: {err})") from err
+    if not isinstance(header, dict):
+        raise CacheEntryError("is unreadable (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, tuple[str, list[int], int, int]] = {}
+    try:
+        for name, info in header.items():
+            begin, end = (int(v) for v in info["data_offsets"])
+            tensors[name] = (str(info["dtype"]), [int(v) for v in info["shape"]], begin, end)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CacheEntryError(f"is unreadable (a malformed tensor record: {err!r})") from err
+    data_start = 8 + length
+    expected = 0
+    for name, (code, shape, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2]):
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY_BY_CODE.get(code, np.uint8)).itemsize
+        if code not in _NUMPY_BY_CODE or begin != expected or end - begin != size:
+            raise CacheEntryError(f"is unreadable (tensor {name}: {code} {shape} at bytes {begin}-{end} is not a valid record)")
+        expected = end
+    if data_start + expected != file_size:
+        raise CacheEntryError(
+            f"is unreadable (truncated or extended: {file_size} bytes, its header records {data_start + expected})"
+        )
+    return _Layout(tensors, metadata, data_start, file_size)
+
+
+def _region_sha256(path: Path, begin: int, end: int) -> str:
+    """sha256 of the bytes ``[begin, end)`` of ``path``, read in chunks (bounded memory)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(min(_CHUNK, max(end - begin, 1)))
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(begin)
+        left = end - begin
+        while left > 0:
+            read = handle.readinto(view[: min(left, len(buffer))])
+            if not read:
+                raise CacheEntryError(f"is unreadable (ends {left} bytes early)")
+            digest.update(view[:read])
+            left -= read
+    return digest.hexdigest()
+
+
+def _recorded_digests(metadata: Mapping[str, str]) -> dict[str, str]:
+    try:
+        digests = json.loads(metadata.get("tensor_sha256", ""))
+    except ValueError as err:
+        raise CacheEntryError("has no readable 'tensor_sha256' record") from err
+    if not isinstance(digests, dict) or metadata.get("sha256") != _combined_sha256(digests):
+        raise CacheEntryError("fails its checksum (its per-tensor checksums do not match 'sha256')")
+    return digests
+
+
+def verify_file(path: str | Path) -> list[str]:
+    """Check a cache entry on its own (no key or split to compare with): its layout, header and
+    every tensor's checksum, reading the file once in chunks. Returns the problems found;
+    ``CacheEntryError`` if it is not an entry at all."""
+    path = Path(path)
+    layout = _read_layout(path)
+    if layout.metadata.get("format") != CACHE_FORMAT:
+        raise CacheEntryError(f"is not a {CACHE_FORMAT} entry (format {layout.metadata.get('format')!r})")
+    digests = _recorded_digests(layout.metadata)
+    if set(digests) != set(layout.tensors):
+        return [f"records checksums of {sorted(digests)}, holds {sorted(layout.tensors)}"]
+    problems = []
+    for name, (_, _, begin, end) in sorted(layout.tensors.items()):
+        if _region_sha256(path, layout.data_start + begin, layout.data_start + end) != digests[name]:
+            problems.append(f"{name} fails its checksum")
+    return problems
+
+
+def _map_tensor(path: Path, layout: _Layout, name: str) -> Tensor:
+    code, shape, begin, _ = layout.tensors[name]
+    array = np.memmap(path, dtype=_NUMPY_BY_CODE[code], mode="r", offset=layout.data_start + begin, shape=tuple(shape))
+    with warnings.catch_warnings():  # read-only on purpose: the entry must not change
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def _read_tensor(path: Path, layout: _Layout, name: str) -> Tensor:
+    """A tensor of the entry, read into memory (one copy, no intermediate buffer)."""
+    code, shape, begin, end = layout.tensors[name]
+    array = np.empty(shape, dtype=_NUMPY_BY_CODE[code])
+    view = memoryview(array).cast("B") if array.size else memoryview(bytearray())
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(layout.data_start + begin)
+        done = 0
+        while done < end - begin:
+            read = handle.readinto(view[done:])
+            if not read:
+                raise CacheEntryError(f"is unreadable ({name} ends early)")
+            done += read
+    return torch.from_numpy(array)
+
+
+def read_entry(
+    path: Path,
+    key: str,
+    split: str,
+    labels: Tensor,
+    num_exits: int,
+    *,
+    in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
+    verify: bool | None = None,
+) -> CachedSplit:
+    """Load and verify the entry at ``path``; ``CacheEntryError`` says what is wrong with it.
+
+    An entry of at most ``in_memory_max_bytes`` is loaded whole (a ``CachedSplit``), a larger one
+    memory-mapped (a ``MappedSplit``). ``verify``: check every tensor's checksum (None: only when
+    loading whole, where it costs no extra read; see the note above on integrity).
+    """
     from safetensors import safe_open
 
-    try:
-        with safe_open(str(path), framework="pt") as handle:
+    path = Path(path)
+    layout = _read_layout(path)
+    try:  # the library's own validation of the header, too ("numpy": maps nothing into torch)
+        with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:  # noqa: BLE001 (any unreadable entry is recomputed)
+            names = set(handle.keys())
+    except Exception as err:  # any unreadable entry is recomputed
         raise CacheEntryError(f"is unreadable ({type(err).__name__}: {err})") from err
     if metadata.get("format") != CACHE_FORMAT:
         raise CacheEntryError(f"is not a {CACHE_FORMAT} entry (format {metadata.get('format')!r})")
@@ -272,25 +680,89 @@ def read_entry(path: Path, key: str, split: str, labels: Tensor, num_exits: int)
         raise CacheEntryError(f"holds the {metadata.get('split')!r} split, not {split!r}")
     if metadata.get("key") != key:
         raise CacheEntryError(f"was computed for other inputs or weights (key {metadata.get('key')!r}, expected {key!r})")
-    expected = {f"pooled.{i}" for i in range(num_exits)} | {"final_logits", "labels"}
-    if set(tensors) != expected:
-        raise CacheEntryError(f"holds tensors {sorted(tensors)}, expected {sorted(expected)}")
+    expected = set(_entry_names(num_exits))
+    if names != expected or set(layout.tensors) != expected:
+        raise CacheEntryError(f"holds tensors {sorted(names)}, expected {sorted(expected)}")
     try:
         shapes = json.loads(metadata.get("shapes", ""))
     except ValueError as err:
         raise CacheEntryError("has no readable 'shapes' record") from err
-    actual = {name: list(t.shape) for name, t in sorted(tensors.items())}
+    actual = {name: list(spec[1]) for name, spec in sorted(layout.tensors.items())}
     if shapes != actual:
         raise CacheEntryError(f"holds shapes {actual}, its header records {shapes}")
-    if metadata.get("sha256") != _checksum(tensors):
-        raise CacheEntryError("fails its checksum (the tensors were changed after writing)")
+    stored = metadata.get("dtype")
+    codes = {name: layout.tensors[name][0] for name in expected - {"labels"}}
+    if stored not in FEATURE_DTYPES or set(codes.values()) != {_ST_DTYPES[FEATURE_DTYPES[stored]][0]}:
+        raise CacheEntryError(f"holds features of dtypes {sorted(set(codes.values()))}, its header records {stored!r}")
     n = len(labels)
-    wrong = [name for name, t in sorted(tensors.items()) if t.dim() < 1 or len(t) != n]
+    wrong = [name for name, shape in actual.items() if not shape or shape[0] != n]
     if wrong or metadata.get("num_samples") != str(n):
         raise CacheEntryError(f"has {metadata.get('num_samples')} samples ({', '.join(wrong) or 'header'}), the split has {n}")
+    digests = _recorded_digests(metadata)
+    if set(digests) != expected:
+        raise CacheEntryError(f"records checksums of {sorted(digests)}, expected {sorted(expected)}")
+
+    whole = layout.data_bytes <= in_memory_max_bytes
+    if verify is None:
+        verify = whole
+    if whole:
+        tensors = {name: _read_tensor(path, layout, name) for name in expected}
+        bad = [name for name in sorted(tensors) if verify and _tensor_sha256(tensors[name]) != digests[name]]
+    else:
+        tensors = {name: _map_tensor(path, layout, name) for name in expected - {"labels"}}
+        tensors["labels"] = _read_tensor(path, layout, "labels")
+        check = sorted(expected) if verify else ["labels"]  # the labels are read anyway: always checked
+        bad = []
+        for name in check:
+            _, _, begin, end = layout.tensors[name]
+            if _region_sha256(path, layout.data_start + begin, layout.data_start + end) != digests[name]:
+                bad.append(name)
+    if bad:
+        raise CacheEntryError(f"fails its checksum ({', '.join(bad)}: the file was changed after writing)")
     if not torch.equal(tensors["labels"], labels.cpu()):
         raise CacheEntryError("holds labels that differ from the split's")
-    return CachedSplit([tensors[f"pooled.{i}"] for i in range(num_exits)], tensors["final_logits"], tensors["labels"])
+    pooled = [tensors[f"pooled.{i}"] for i in range(num_exits)]
+    if whole:
+        return CachedSplit(pooled, tensors["final_logits"], tensors["labels"])
+    return MappedSplit(pooled, tensors["final_logits"], tensors["labels"], path=path)
+
+
+def _entry_bytes(first: tuple[list[Tensor], Tensor, Tensor], num_samples: int) -> int:
+    """The size an entry of ``num_samples`` rows like the batch ``first`` will have."""
+    pooled, final, labels = first
+    row = sum(t[0].numel() * t.element_size() for t in [*pooled, final, labels] if len(t))
+    return row * num_samples
+
+
+def _stream_entry(path: Path, batches: Iterable[tuple[list[Tensor], Tensor, Tensor]], num_samples: int, key: str, split: str) -> None:
+    """Write the entry at ``path`` while ``batches`` are computed; atomic (a temporary file
+    renamed when complete). ``CacheWriteError`` for the filesystem's failures; an error of the
+    backbone or data propagates as it is. Either way no entry and no temporary file remain."""
+    started = done = False
+    try:
+        with atomic_path(path) as tmp:
+            started = True
+            writer = _EntryWriter(tmp, num_samples, key, split)
+            try:
+                for pooled, final, labels in batches:
+                    writer.write(pooled, final, labels)
+                writer.finish()
+            finally:
+                writer.close()
+            done = True
+    except OSError as err:
+        if started and not done:
+            raise  # from computing the features, not from the cache
+        raise CacheWriteError(f"{type(err).__name__}: {err}") from err
+
+
+def _warn_unwritable(path: Path, cache_dir: Path, split: str, reason: str) -> None:
+    log.warning(
+        "feature cache: cannot write %s (%s); this run goes on without caching the %r features. "
+        "Free space in or allow writing to %s, or set paths.cache_dir=<a writable folder> or "
+        "trainer.feature_cache=false",
+        path, reason, split, cache_dir,
+    )
 
 
 def cached_split(
@@ -301,47 +773,106 @@ def cached_split(
     device: torch.device,
     cache_dir: Path | None,
     fingerprint: str = "",
+    *,
+    dtype: str | torch.dtype = "float32",
+    in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
+    verify: bool | None = None,
 ) -> CachedSplit:
     """Load the split's features from ``cache_dir`` if present, else compute (and store) them.
+
+    Features are stored and served in ``dtype`` (float32 or float16; ``batch`` widens to
+    float32), with or without a cache, so the cache never changes a result. A split whose entry
+    exceeds ``in_memory_max_bytes`` is streamed to the cache while computed and served
+    memory-mapped (``MappedSplit``); a smaller one is computed, stored and served in memory.
+    ``verify=True`` checks every checksum of a memory-mapped entry on load (see ``read_entry``).
 
     The cache is optional and can never change a result: an entry that is damaged or does not
     match (key, split, shapes, checksum, labels) is reported by path, recomputed and replaced;
     a cache folder that cannot be read or written gives a warning and the run goes on without
-    it. Temporary files orphaned by killed writers are removed after ``STALE_TEMP_AFTER_S``.
+    it (in memory). Temporary files orphaned by killed writers are removed after
+    ``STALE_TEMP_AFTER_S``.
     """
+    dtype = feature_dtype(dtype)
     if cache_dir is None:
-        return compute_split(network, data, split, batch_size, device)
+        return compute_split(network, data, split, batch_size, device, dtype=dtype)
     cache_dir = Path(cache_dir).expanduser()
     remove_stale_temp_files(cache_dir, STALE_TEMP_AFTER_S)
     try:
-        key = cache_key(network, data, split, fingerprint)
+        key = cache_key(network, data, split, fingerprint, dtype)
     except TypeError as err:
         log.warning("feature cache: not used for the %r split: %s", split, err)
-        return compute_split(network, data, split, batch_size, device)
+        return compute_split(network, data, split, batch_size, device, dtype=dtype)
     path = entry_path(cache_dir, key, split)
     try:
         present = path.exists()
     except OSError as err:
         log.warning("feature cache: cannot look up %s (%s); computing the %r features", path, err, split)
         present = False
+    labels = data.labels(split)
     if present:
         try:
-            result = read_entry(path, key, split, data.labels(split), network.num_gates)
+            result = read_entry(
+                path, key, split, labels, network.num_gates, in_memory_max_bytes=in_memory_max_bytes, verify=verify
+            )
         except CacheEntryError as err:
             log.warning("feature cache: entry %s %s; recomputing it and replacing the entry", path, err)
         else:
             log.info("feature cache hit: %s", path)
             return result
-    result = compute_split(network, data, split, batch_size, device)
+
+    num_samples = data.size(split)
+    batches = _feature_batches(network, data, split, batch_size, device, dtype)
+    first = next(batches, None)
+    if first is None or _entry_bytes(first, num_samples) <= in_memory_max_bytes:
+        result = _collect([first, *batches] if first is not None else [], network.num_gates)
+        try:
+            write_entry(path, result, key, split)
+        except Exception as err:  # noqa: BLE001 (OSError, SafetensorError: the cache is optional)
+            _warn_unwritable(path, cache_dir, split, f"{type(err).__name__}: {err}")
+        else:
+            log.info("feature cache written: %s", path)
+        return result
+
+    head = [first]  # handed over, not kept: the stream holds one batch at a time
+    del first
+
+    def rest() -> Iterator[tuple[list[Tensor], Tensor, Tensor]]:
+        yield head.pop()
+        yield from batches
+
     try:
-        write_entry(path, result, key, split)
-    except Exception as err:  # noqa: BLE001 (OSError, SafetensorError: the cache is optional)
-        log.warning(
-            "feature cache: cannot write %s (%s: %s); this run goes on without caching the %r features. "
-            "Free space in or allow writing to %s, or set paths.cache_dir=<a writable folder> or "
-            "trainer.feature_cache=false",
-            path, type(err).__name__, err, split, cache_dir,
-        )
-    else:
-        log.info("feature cache written: %s", path)
-    return result
+        _stream_entry(path, rest(), num_samples, key, split)
+    except CacheWriteError as err:
+        _warn_unwritable(path, cache_dir, split, str(err))
+        batches.close()
+        return compute_split(network, data, split, batch_size, device, dtype=dtype)
+    log.info("feature cache written (streamed): %s", path)
+    try:
+        return read_entry(path, key, split, labels, network.num_gates, in_memory_max_bytes=in_memory_max_bytes, verify=False)
+    except CacheEntryError as err:  # replaced meanwhile by something else: compute in memory
+        log.warning("feature cache: entry %s %s just after writing it; computing the %r features in memory", path, err, split)
+        return compute_split(network, data, split, batch_size, device, dtype=dtype)
+
+
+def _verify_main(argv: list[str]) -> int:
+    """``python -m jei.features verify PATH...``: check entries (files, or folders of them)."""
+    if len(argv) < 2 or argv[0] != "verify":
+        print("usage: python -m jei.features verify <entry file or cache folder>...", file=sys.stderr)
+        return 2
+    files: list[Path] = []
+    for item in map(Path, argv[1:]):
+        files += sorted(item.glob("*.safetensors")) if item.is_dir() else [item]
+    bad = 0
+    for file in files:
+        try:
+            problems = verify_file(file)
+        except (OSError, CacheEntryError) as err:
+            problems = [str(err)]
+        bad += bool(problems)
+        print(f"{'ok ' if not problems else 'BAD'} {file}" + (f": {'; '.join(problems)}" if problems else ""))
+    print(f"{len(files) - bad} of {len(files)} entries ok")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_verify_main(sys.argv[1:]))

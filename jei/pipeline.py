@@ -61,6 +61,7 @@ class RunSettings:
     backbone_training: BackboneTraining
     exit_training: ExitTraining
     feature_cache_dir: Path | None  # None: compute features in memory for this run only
+    feature_dtype: str = "float32"  # trainer.feature_dtype: float32 | float16, the features as stored and trained on
     data_fingerprint: str = ""
     eval_batch_size: int = 256
     conformal: ConformalSettings = field(default_factory=ConformalSettings)
@@ -225,14 +226,15 @@ def prepare(
 
     def features(split: str) -> CachedSplit:
         return cached_split(
-            network, data, split, settings.eval_batch_size, device, settings.feature_cache_dir, settings.data_fingerprint
+            network, data, split, settings.eval_batch_size, device, settings.feature_cache_dir, settings.data_fingerprint,
+            dtype=settings.feature_dtype,
         )
 
     if only_test:
         return network, costs, {"test": features("test")}, None, backbone_history
     splits = {split: features(split) for split in ("val", "cal", "test")}
     train_features = (
-        AugmentedFeatures(network, data, settings.eval_batch_size, device, settings.seed)
+        AugmentedFeatures(network, data, settings.eval_batch_size, device, settings.seed, settings.feature_dtype)
         if settings.exit_training.augment  # a fresh augmented pass per epoch instead of the cache
         else features("train")
     )
