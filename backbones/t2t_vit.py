@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from jei.types import ExitSpec
 
 from .base import ExitChoice, SequentialBackbone, resolve_exits
-from .weights import load_keeping_head, read_state_dict
+from .weights import load_keeping_head, load_torch_weights, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -259,8 +259,7 @@ def read_published_checkpoint(path: str | Path) -> dict[str, Tensor]:
     path = Path(path).expanduser()
     if path.suffix == ".safetensors" or not path.is_file():
         return read_state_dict(path)  # also gives the standard missing-file error
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_weights(path, allowed_globals=[argparse.Namespace])
     if isinstance(checkpoint, dict):
         for key in ("state_dict_ema", "state_dict", "model"):
             if isinstance(checkpoint.get(key), dict):

@@ -96,8 +96,6 @@ def test_t2t_vit_checkpoints_are_never_fully_unpickled(tmp_path, marker):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="backbones/t2t_vit.py calls torch.load itself; it should call "
-                   "load_torch_weights(path, allowed_globals=[argparse.Namespace]) from backbones/weights.py")
 def test_t2t_vit_refusal_names_the_file(tmp_path, marker):
     from jei.backbones.t2t_vit import read_published_checkpoint
 
