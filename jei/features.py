@@ -100,9 +100,9 @@ class MappedSplit(CachedSplit):
     cache (or the disk), so the split never needs to fit in memory. ``batch`` gathers rows with
     numpy (about twice as fast as torch's indexing on one thread). ``sort_rows`` reads each
     batch's rows in file order, then puts them back in the requested order: measured
-    (``benchmarks/feature_cache.py``), it costs 5-30% when the file is in the page cache and
-    gains 6% when it is not (on an SSD-backed disk), so it is off by default; it may pay on
-    spinning or network disks. Never write into these tensors."""
+    (``benchmarks/feature_cache.py``), it costs 9-20% per gather with the file in the page cache
+    and changes nothing beyond noise (+-6%) reading from an SSD-backed disk, so it is off by
+    default; it may pay on spinning or network disks. Never write into these tensors."""
 
     path: Path | None = None
     sort_rows: bool = False
