@@ -23,7 +23,7 @@ from jei.calibrate import ConformalSettings
 from jei.data.base import SPLITS, DataSplits
 from jei.errors import ConfigError
 from jei.model import EarlyExitNetwork
-from jei.pipeline import RunSettings
+from jei.pipeline import RunSettings, load_exits_state
 from jei.registry import BACKBONES, DATASETS, GATES, IMS, OBJECTIVES, POLICIES, Registry
 from jei.train import BackboneTraining, ExitTraining, OptimizerSettings
 from jei.validate import boolean, choice, integer, number, sequence, string
@@ -316,12 +316,4 @@ def _load_legacy_run(run_dir: Path) -> tuple[DictConfig, DataSplits, EarlyExitNe
     network = network_factory(cfg.im, cfg.gate, data.num_classes, cfg.get("policy"), objective)(backbone)
     state = load_file(str(exits_file))
 
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-
-    network.ims.load_state_dict(part("ims."))
-    network.gates.load_state_dict(part("gates."))
-    network.policy.load_state_dict(part("policy."))
-    if "temperature" in state:
-        network.temperature.copy_(state["temperature"])
-    return cfg, data, network.eval()
+    return cfg, data, load_exits_state(network, state).eval()

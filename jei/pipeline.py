@@ -179,6 +179,21 @@ def exits_state(network: EarlyExitNetwork, objective: Objective) -> dict[str, to
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def load_exits_state(network: EarlyExitNetwork, state: dict[str, torch.Tensor]) -> EarlyExitNetwork:
+    """The inverse of ``exits_state``: IMs, gates, policy settings and temperatures into
+    ``network`` (the objective's state is the objective's to load)."""
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+    network.ims.load_state_dict(part("ims."))
+    network.gates.load_state_dict(part("gates."))
+    network.policy.load_state_dict(part("policy."))
+    if "temperature" in state:
+        network.temperature.copy_(state["temperature"])
+    return network
+
+
 def save_exit_logits(network: EarlyExitNetwork, splits: dict[str, CachedSplit], costs: ExitCosts, path: Path, device: torch.device) -> None:
     """Every exit's logits ``[G+1, N, K]``, gate logits ``[N, G]`` and labels per split."""
     tensors: dict[str, torch.Tensor] = {"costs": costs.normalized.double().contiguous()}

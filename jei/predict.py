@@ -236,6 +236,7 @@ def build_network(record: dict[str, Any], run_dir: str | Path) -> Any:
 
     from jei.backbones.base import load_state_dict_strict
     from jei.build import build_backbone, build_objective, network_factory
+    from jei.pipeline import load_exits_state
 
     run_dir = Path(run_dir).expanduser()
     config, info = record["config"], record["data"]
@@ -258,15 +259,7 @@ def build_network(record: dict[str, Any], run_dir: str | Path) -> Any:
     exits_path = _run_file(run_dir, record["files"]["exits"])
     state = load_file(str(exits_path))
 
-    def part(prefix: str) -> dict[str, Tensor]:
-        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-
-    network.ims.load_state_dict(part("ims."))
-    network.gates.load_state_dict(part("gates."))
-    network.policy.load_state_dict(part("policy."))
-    if "temperature" in state:
-        network.temperature.copy_(state["temperature"])
-    return network.eval()
+    return load_exits_state(network, state).eval()
 
 
 def _run_file(run_dir: Path, name: str) -> Path:
