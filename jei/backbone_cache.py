@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from jei.checkpoint import RunCheckpoints, from_json, rng_digest, rng_state, set_rng_state, state_digest, tensor_digest, to_json
+from jei.checkpoint import RunCheckpoints, from_json, open_signed, rng_digest, rng_state, set_rng_state, state_digest, tensor_digest, to_json
 from jei.data.base import DataSplits
 from jei.features import input_digest
 from jei.io import atomic_path, atomic_write, remove_stale_temp_files
@@ -106,16 +106,7 @@ def write_entry(path: Path, backbone: nn.Module, key: str, history: Mapping[str,
 
 def read_entry(path: Path, key: str, backbone: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
     """``(state, history, rng)`` of the entry at ``path``, verified; ``BackboneEntryError`` says what is wrong."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:  # noqa: BLE001 (any unreadable entry is retrained)
-        raise BackboneEntryError(f"is unreadable ({type(err).__name__}: {err})") from err
-    if metadata.get("format") != FORMAT:
-        raise BackboneEntryError(f"is not a {FORMAT} entry (format {metadata.get('format')!r})")
+    state, metadata = open_signed(path, FORMAT, BackboneEntryError)
     if metadata.get("key") != key:
         raise BackboneEntryError(f"was trained with other settings (key {metadata.get('key')!r}, expected {key!r})")
     own = backbone.state_dict()

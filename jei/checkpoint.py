@@ -206,18 +206,25 @@ def save(path: Path, state: Any, stage: str, fingerprint: str) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def load(path: Path, stage: str, fingerprint: str) -> Any:
-    """Read and verify a checkpoint; ``CheckpointError`` says what is wrong with it."""
+def open_signed(path: Path, fmt: str, error: type[Exception]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file whose header names its format ``fmt``; raises
+    ``error`` when it cannot be read or is of another format (checkpoints, backbone cache)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:  # noqa: BLE001 (any unreadable file is ignored)
-        raise CheckpointError(f"is unreadable ({type(err).__name__}: {err})") from err
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"is not a {FORMAT} file (format {metadata.get('format')!r})")
+    except Exception as err:  # noqa: BLE001 (any unreadable file is ignored or recomputed)
+        raise error(f"is unreadable ({type(err).__name__}: {err})") from err
+    if metadata.get("format") != fmt:
+        raise error(f"is not a {fmt} file (format {metadata.get('format')!r})")
+    return tensors, metadata
+
+
+def load(path: Path, stage: str, fingerprint: str) -> Any:
+    """Read and verify a checkpoint; ``CheckpointError`` says what is wrong with it."""
+    tensors, metadata = open_signed(path, FORMAT, CheckpointError)
     if metadata.get("stage") != stage:
         raise CheckpointError(f"is a checkpoint of the {metadata.get('stage')!r} stage, not {stage!r}")
     if metadata.get("fingerprint") != fingerprint:
