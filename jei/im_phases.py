@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from jei.exits import per_exit_losses
 from jei.temperature import calibrate_network
 from jei.train import OptimizerSettings, PerExitBest, per_exit_val_loss
 from jei.types import ExitOutputs, Phase, Step, TrainBatch
@@ -28,15 +27,19 @@ def ims_phase(
     loss: Callable[[TrainBatch, Tensor], Tensor],
     together: bool = False,
     optimizer: Any = None,
+    metric: Callable[[ExitOutputs, Tensor], Tensor] | None = None,
 ) -> Phase:
-    """A phase that trains the IMs on ``loss(batch, active)`` with early stopping on validation
-    loss: per IM (``active`` [G] marks the IMs still training; each is restored to its best
-    epoch), or all IMs together when exits depend on each other (``active`` is then [1])."""
+    """A phase that trains the IMs on ``loss(batch, active)`` with early stopping on a validation
+    metric, higher is better (``metric(outputs, labels)``; by default minus the validation loss):
+    per IM (``active`` [G] marks the IMs still training; each is restored to its best epoch), or
+    all IMs together when exits depend on each other (``active`` is then [1])."""
     best = PerExitBest([network.ims] if together else list(network.ims), patience)
 
-    def metric(outputs: ExitOutputs, labels: Tensor) -> Tensor:
+    def negative_loss(outputs: ExitOutputs, labels: Tensor) -> Tensor:
         losses = per_exit_val_loss(outputs, labels)
         return -(losses.mean().view(1) if together else losses)
+
+    metric = metric or negative_loss
 
     return Phase(
         name, epochs,
@@ -49,7 +52,7 @@ def ims_phase(
 
 def exit_losses(batch: TrainBatch) -> Tensor:
     """``[G]`` mean cross-entropy of every IM on the batch."""
-    return per_exit_losses(batch.outputs.logits[:-1], batch.labels).mean(dim=0)
+    return per_exit_val_loss(batch.outputs, batch.labels)
 
 
 @dataclass

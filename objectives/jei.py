@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jei.exits import POS_WEIGHT_RULES, exit_probabilities, gate_targets, oracle_exit, per_exit_losses, positive_class_weights
-from jei.im_phases import converged_ims
-from jei.train import PerExitBest, per_exit_accuracy
+from jei.im_phases import converged_ims, ims_phase
+from jei.train import per_exit_accuracy
 from jei.types import ExitOutputs, Phase, Step, TrainBatch
 from jei.validate import boolean, choice, number
 
@@ -128,11 +128,10 @@ class JEIObjective:
         """Warm-up (``schedule.warmup_epochs``, early stopping per IM on validation accuracy with
         ``schedule.warmup_patience``), then ``schedule.epochs`` of gate/IM phases of
         ``schedule.phase_batches`` batches each, gates first (paper §4.3)."""
-        best = PerExitBest(list(network.ims), schedule.warmup_patience)
         ims_params = list(network.ims.parameters())
 
-        def warmup(batch: TrainBatch) -> Tensor:
-            return self.warmup_loss(batch.outputs.logits[:-1], batch.labels, best.active.to(batch.labels.device))
+        def warmup(batch: TrainBatch, active: Tensor) -> Tensor:
+            return self.warmup_loss(batch.outputs.logits[:-1], batch.labels, active)
 
         def gates(batch: TrainBatch) -> Tensor:
             return self.gate_loss(batch.outputs.logits, batch.outputs.gate_logits, batch.labels, costs)
@@ -146,12 +145,9 @@ class JEIObjective:
         start = (
             self.ims.phases(network)
             if self.ims is not None
-            else [
-                Phase(
-                    "warmup", schedule.warmup_epochs, [Step("ims", ims_params, warmup)],
-                    on_epoch_end=lambda epoch, outputs, labels: best.update(per_exit_accuracy(outputs, labels)),
-                    on_end=best.restore,
-                )
+            else [  # the paper's warm-up: early stopping per IM on validation accuracy
+                ims_phase(network, "warmup", schedule.warmup_epochs, schedule.warmup_patience, warmup,
+                          metric=per_exit_accuracy)
             ]
         )
         steps = [Step("gates", list(network.gates.parameters()), gates)]
