@@ -31,7 +31,7 @@ from jei.calibrate import ConformalSettings, Scored, calibration_folds, conforma
 from jei.conformal import expected_calibration_error
 from jei.features import CachedSplit
 from jei.io import atomic_write, write_json
-from jei.model import EarlyExitNetwork
+from jei.model import EarlyExitNetwork, predict_from_outputs
 from jei.pipeline import RunSettings, exits_state, seed_everything
 from jei.registry import OBJECTIVES, POLICIES
 from jei.train import exit_outputs, fit_exits
@@ -105,10 +105,6 @@ def _label(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-def _at_exit(outputs: ExitOutputs, exits: Tensor) -> Tensor:
-    return outputs.logits.gather(0, exits.view(1, -1, 1).expand(1, -1, outputs.logits.shape[-1]))[0]
-
-
 def point_metrics(
     policies: list[Any], folds: list[Trained], costs: Tensor, conformal: ConformalSettings, alpha: float, seed: int
 ) -> dict[str, Any]:
@@ -120,10 +116,10 @@ def point_metrics(
     one_alpha = ConformalSettings(**{**conformal.__dict__, "alphas": [alpha]})
     for policy, fold in zip(policies, folds):
         test = fold.outputs["test"]
-        fold_exits = policy.decide(test)
-        fold_probs = torch.softmax(_at_exit(test, fold_exits).double(), dim=-1)
-        cal_exits = policy.decide(fold.outputs["cal"])
-        cal = Scored(torch.softmax(_at_exit(fold.outputs["cal"], cal_exits).double(), dim=-1), fold.labels["cal"], cal_exits)
+        tested, calibrated = predict_from_outputs(test, policy), predict_from_outputs(fold.outputs["cal"], policy)
+        fold_exits = tested.exit_index
+        fold_probs = torch.softmax(tested.logits.double(), dim=-1)
+        cal = Scored(torch.softmax(calibrated.logits.double(), dim=-1), fold.labels["cal"], calibrated.exit_index)
         scored = Scored(fold_probs, fold.labels["test"], fold_exits)
         calibrate_on = conformal.calibrate_on if len(folds) == 1 else "cal"
         splits = calibration_folds(cal, scored, calibrate_on, seed)
