@@ -245,9 +245,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     by_method: dict[str, list[tuple[float, float]]] = {}
     for point in result["points"]:
         by_method.setdefault(point["method"], []).append((point["expected_cost"], point["accuracy"]))
-    for method, curve in by_method.items():
+    colours = plt.get_cmap("tab20").colors  # distinct for up to 20 methods (the default cycle repeats after 10)
+    markers = "os^vD<>ph*"
+    for number, (method, curve) in enumerate(by_method.items()):
         curve.sort()
-        axis.plot([c for c, _ in curve], [100 * a for _, a in curve], marker="o", markersize=3, label=method)
+        axis.plot([c for c, _ in curve], [100 * a for _, a in curve], marker=markers[number % len(markers)],
+                  markersize=3, color=colours[number % len(colours)], label=method)
     oracle = sorted((p["expected_cost"], p["accuracy"]) for p in result["oracle"]
                     if p["kind"] == "budgeted" and p["accuracy"] is not None)
     axis.plot([c for c, _ in oracle], [100 * a for _, a in oracle], "k--", label="oracle (budgeted)")
