@@ -305,6 +305,8 @@ def _run_phase(
     history: list[dict[str, Any]] = []
     if phase.on_start is not None:
         phase.on_start(exit_outputs(network, val, device), val.labels)
+    if phase.fit is not None:
+        phase.fit(train.for_epoch(epoch_base), val, device)
     if phase.steps:
         steps_per_epoch = math.ceil(len(train) / settings.batch_size)
         plan = _step_plan(phase, steps_per_epoch)

@@ -112,6 +112,18 @@ class TrainBatch:
     outputs: ExitOutputs
 
 
+class FeatureSource(Protocol):
+    """Cached exit features of one split (``jei.features.CachedSplit`` is one)."""
+
+    labels: Tensor
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: Tensor, device: torch.device) -> tuple[list[Tensor], Tensor, Tensor]:
+        """``(pooled exit features, final logits, labels)`` of the samples ``index``."""
+        ...
+
+
 class OptimizerFactory(Protocol):
     def build(self, params: Iterable[nn.Parameter], total_steps: int) -> tuple[torch.optim.Optimizer, Any]: ...
 
@@ -133,6 +145,9 @@ class Phase:
     ``steps[(t // block_batches) % len(steps)]`` (one step: every batch), each step with its own
     optimiser. After every epoch the validation outputs go to ``on_epoch_end``, which may stop
     the phase by returning True. A phase with no steps trains nothing (only its hooks run).
+    ``fit`` is for fits that need the whole training split at once rather than batches (a
+    full-batch L-BFGS fit): it gets ``(train features, val features, device)`` after
+    ``on_start`` and before any step.
     """
 
     name: str
@@ -143,6 +158,7 @@ class Phase:
     on_start: Callable[[ExitOutputs, Tensor], None] | None = None  # (val outputs, val labels)
     on_epoch_end: Callable[[int, ExitOutputs, Tensor], bool] | None = None
     on_end: Callable[[], None] | None = None
+    fit: Callable[[FeatureSource, FeatureSource, torch.device], None] | None = None
 
 
 class Objective(Protocol):
