@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from jei import distributed
 from jei.checkpoint import RunCheckpoints, from_json, open_signed, rng_digest, rng_state, set_rng_state, state_digest, tensor_digest, to_json
 from jei.data.base import DataSplits
 from jei.features import input_digest
@@ -59,6 +60,8 @@ def backbone_key(
     device: torch.device,
     data_fingerprint: str = "",
     backbone_config: Any = None,
+    precision: str = "fp32",
+    world_size: int = 1,
 ) -> str:
     """Hash of everything the trained backbone depends on (see the module docstring); call it
     just before training, with the backbone still at its initial weights."""
@@ -72,6 +75,11 @@ def backbone_key(
         "class": f"{type(backbone).__module__}.{type(backbone).__qualname__}",
         "structure": repr(backbone),
     }
+    # Only when not the default, so the keys of entries made before these existed still hold.
+    if precision != "fp32":
+        settings["precision"] = precision
+    if world_size > 1:  # each process's BatchNorm sees its slice of the batch: not the same weights
+        settings["world_size"] = world_size
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(backbone.state_dict().items()):
         digest.update(name.encode())
@@ -167,14 +175,17 @@ def trained_backbone(
     backbone_config: Any = None,
     tracker: TrainingLog | None = None,
     checkpoints: RunCheckpoints | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """The backbone stage: load the trained ``backbone`` from the run folder (a resumed run),
     else from ``cache_dir``, else train it (continuing from a checkpoint if there is one) and
     store it there; ``run_dir/backbone.safetensors`` is written in every case. Returns the
-    backbone's training history."""
+    backbone's training history. Under torchrun every process trains (``fit_backbone``), and
+    rank 0 alone writes the files."""
     run_dir = Path(run_dir)
     run_file = run_dir / RUN_FILE
-    key = backbone_key(backbone, data, training, seed, device, data_fingerprint, backbone_config)
+    world = distributed.current()
+    key = backbone_key(backbone, data, training, seed, device, data_fingerprint, backbone_config, precision, world.size)
     if checkpoints is not None and checkpoints.resuming and run_file.is_file():
         try:
             entry = read_entry(run_file, key, backbone)
@@ -203,12 +214,17 @@ def trained_backbone(
                 log.info("backbone cache hit: %s (%d epochs, best val accuracy %.4f)", cache_file,
                          len(history["val_accuracy"]), max(history["val_accuracy"], default=float("nan")))
                 _use(backbone, entry, tracker, replay=False)
-                _place_in_run(cache_file, run_file, backbone, key, history)
+                if world.main:
+                    _place_in_run(cache_file, run_file, backbone, key, history)
                 return history
 
     checkpoint = checkpoints.stage("backbone", key) if checkpoints is not None else None
-    history = fit_backbone(backbone, data, training, device, seed, tracker=tracker, checkpoint=checkpoint)
+    history = fit_backbone(
+        backbone, data, training, device, seed, tracker=tracker, checkpoint=checkpoint, precision=precision
+    )
     rng = rng_state()
+    if not world.main:
+        return history
     stored = False
     if cache_file is not None:
         try:

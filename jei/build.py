@@ -23,6 +23,7 @@ from jei.calibrate import ConformalSettings
 from jei.data.base import SPLITS, DataSplits
 from jei.errors import ConfigError
 from jei.model import EarlyExitNetwork
+from jei.precision import check_precision
 from jei.pipeline import RunSettings, load_exits_state
 from jei.registry import BACKBONES, DATASETS, GATES, IMS, OBJECTIVES, POLICIES, Registry
 from jei.train import BackboneTraining, ExitTraining, OptimizerSettings
@@ -89,6 +90,13 @@ def build_policy(node: Any, objective: Any) -> Any:
     return POLICIES.build(name, **plain)
 
 
+def _parameters(factory: Callable[..., Any]) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def network_factory(
     im_node: Any, gate_node: Any, num_classes: int, policy_node: Any = None, objective: Any = None
 ) -> Callable[[torch.nn.Module], EarlyExitNetwork]:
@@ -103,7 +111,12 @@ def network_factory(
 
     def make(backbone: torch.nn.Module) -> EarlyExitNetwork:
         ims = [IMS.build(im_name, spec=spec, num_classes=num_classes, **im_kwargs) for spec in backbone.exit_specs]
-        gates = [GATES.build(gate_name, num_classes=num_classes, **gate_kwargs) for _ in backbone.exit_specs]
+        # A gate whose factory takes ``index`` (a history gate sizes its input by it) gets its exit's.
+        takes_index = "index" in _parameters(GATES.get(gate_name))
+        gates = [
+            GATES.build(gate_name, num_classes=num_classes, **({"index": spec.index} if takes_index else {}), **gate_kwargs)
+            for spec in backbone.exit_specs
+        ]
         if objective is None:
             return EarlyExitNetwork(backbone, ims, gates)
         return EarlyExitNetwork(
@@ -270,6 +283,7 @@ def build_settings(cfg: DictConfig) -> RunSettings:
         data_fingerprint=data_fingerprint(cfg.data),
         eval_batch_size=integer(trainer.eval_batch_size, "trainer.eval_batch_size", minimum=1, hint="e.g. 256"),
         conformal=_settings(ConformalSettings, cfg.conformal, "conformal"),
+        precision=check_precision(trainer.get("precision", "fp32"), device),
     )
 
 

@@ -334,12 +334,23 @@ class RunCheckpoints:
 
     MARKER = "resume.json"
 
-    def __init__(self, run_dir: str | Path, record: Mapping[str, Any], mode: str | bool = "auto") -> None:
+    def __init__(
+        self, run_dir: str | Path, record: Mapping[str, Any], mode: str | bool = "auto", *, reader: bool = False
+    ) -> None:
+        """``reader``: only read the checkpoints another process (torchrun's rank 0) opened and
+        writes: resume when its marker says so, never clear or mark the folder."""
         mode = resume_mode(mode)
         self.folder = Path(run_dir) / "checkpoints"
         self.record = json.loads(json.dumps(record, default=str))
         self.fingerprint = hashlib.sha256(json.dumps(self.record, sort_keys=True).encode()).hexdigest()[:32]
-        self.resuming = self._open(mode)
+        self.resuming = self._read_marker() if reader else self._open(mode)
+
+    def _read_marker(self) -> bool:
+        try:
+            previous = json.loads((self.folder / self.MARKER).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(previous, dict) and previous.get("fingerprint") == self.fingerprint
 
     def _open(self, mode: str | bool) -> bool:
         marker = self.folder / self.MARKER

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import jei.run_dir  # noqa: F401  (registers the run-dir resolver)
+from jei import distributed
 from jei.build import (
     build_backbone,
     build_data,
@@ -29,13 +31,19 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, output_dir: Path) -> float:
-    """Build everything from ``cfg`` (validating it before any heavy work) and run it.
+    """Build everything from ``cfg`` (validating it before any heavy work) and run it; under
+    ``torchrun`` on every process of the launch (``jei.distributed``).
 
     Any error while building is the configuration's: it is raised as ``jei.errors.ConfigError``
     (``train_main`` reports it in one line, exit status 2). Errors of the run itself pass as they are.
     """
     with config_errors():
         settings = build_settings(cfg)
+    world, device = distributed.init(settings.device)  # torchrun: join the other processes
+    settings = dataclasses.replace(settings, device=device)
+    if not world.main:  # one process tells the story (the log file is shared)
+        logging.getLogger().setLevel(logging.WARNING)
+    with config_errors():
         seed_everything(settings.seed)  # before any module is built: initial weights are seeded too
         objective = build_objective(cfg.objective)
         data = build_data(cfg.data)
@@ -49,9 +57,13 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
         check_network_builds(make_network, backbone)
     for warning in calibration_warnings(calibration_size(data, settings.conformal), settings.conformal.alphas):
         log.warning(warning)
-    metrics = run_experiment(data, backbone, make_network, objective, settings, output_dir, config=to_plain(cfg))
-    log.info("results written to %s", output_dir)
-    return metrics["accuracy"]
+    try:
+        metrics = run_experiment(data, backbone, make_network, objective, settings, output_dir, config=to_plain(cfg))
+    finally:
+        distributed.shutdown()
+    if world.main:
+        log.info("results written to %s (%d process%s)", output_dir, world.size, "es" if world.distributed else "")
+    return metrics.get("accuracy")
 
 
 def calibration_size(data: DataSplits, conformal: ConformalSettings) -> int:

@@ -13,6 +13,11 @@ are computed in memory, loaded whole and checksummed at every load, as before. L
 computed (``_EntryWriter``: memory O(batch)), checksummed once after writing, and memory-mapped
 on load (``MappedSplit``), where each training batch gathers its rows from the mapping. Features
 can be stored as float16 (``dtype``), half the disk and page cache; batches come back float32.
+
+Under torchrun (``jei.distributed``) each process computes a contiguous range of the split's
+batches and streams it to a shard file of the cache; rank 0 then joins the shards, in order,
+into the one entry every process reads (``_shared_split``). Without a cache the shards are
+exchanged in memory.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from jei import distributed
 from jei.data.base import DataSplits, TensorDataSplits, pick_split
 from jei.io import atomic_path, atomic_write, remove_stale_temp_files
 from jei.model import EarlyExitNetwork
+from jei.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +145,30 @@ def _feature_batches(
     dtype: torch.dtype = torch.float32,
     augment: bool = False,
     seed: int = 0,
+    precision: str = "fp32",
+    only: range | None = None,
 ) -> Iterator[tuple[list[Tensor], Tensor, Tensor]]:
-    """The split's pooled features, backbone logits (in ``dtype``, on the CPU) and labels, batch by batch."""
-    total = (data.size(split) + batch_size - 1) // batch_size
+    """The split's pooled features, backbone logits (in ``dtype``, on the CPU) and labels, batch
+    by batch; ``only``: the numbers of the batches to compute (the others' inputs are read and
+    skipped, so augmentations draw the same random numbers as a full pass)."""
+    total = _batch_count(data, split, batch_size)
     if augment:
         torch.manual_seed(seed)  # augmentations draw from the global generator
     batches = data.batches(split, batch_size, augment=augment)
-    for inputs, y in tqdm(batches, total=total, desc=f"features[{split}]", leave=False):
-        features, final = network.pooled_features(to_device(inputs, device))
+    shown = len(only) if only is not None else total
+    progress = tqdm(total=shown, desc=f"features[{split}]", leave=False)
+    for number, (inputs, y) in enumerate(batches):
+        if only is not None and number not in only:
+            continue
+        with autocast(device, precision):
+            features, final = network.pooled_features(to_device(inputs, device))
+        progress.update()
         yield [f.to(dtype).cpu() for f in features], final.to(dtype).cpu(), y.cpu()
+    progress.close()
+
+
+def _batch_count(data: DataSplits, split: str, batch_size: int) -> int:
+    return (data.size(split) + batch_size - 1) // batch_size
 
 
 def _collect(batches: Iterable[tuple[list[Tensor], Tensor, Tensor]], num_exits: int) -> CachedSplit:
@@ -157,6 +179,8 @@ def _collect(batches: Iterable[tuple[list[Tensor], Tensor, Tensor]], num_exits: 
             store.append(feature)
         logits.append(final)
         labels.append(y)
+    if not labels:  # a process whose share of a tiny split is empty
+        return CachedSplit([torch.empty(0) for _ in range(num_exits)], torch.empty(0), torch.empty(0, dtype=torch.long))
     return CachedSplit([torch.cat(p) for p in pooled], torch.cat(logits), torch.cat(labels))
 
 
@@ -169,10 +193,27 @@ def compute_split(
     augment: bool = False,
     seed: int = 0,
     dtype: str | torch.dtype = "float32",
+    precision: str = "fp32",
 ) -> CachedSplit:
-    """Pooled features of a whole split, in memory; with ``augment``, of one augmented pass over it."""
-    batches = _feature_batches(network, data, split, batch_size, device, feature_dtype(dtype), augment, seed)
-    return _collect(batches, network.num_gates)
+    """Pooled features of a whole split, in memory; with ``augment``, of one augmented pass over
+    it. Under torchrun each process computes its share of the batches and all exchange them."""
+    world = distributed.current()
+    only = distributed.shard_range(_batch_count(data, split, batch_size), world) if world.distributed else None
+    batches = _feature_batches(network, data, split, batch_size, device, feature_dtype(dtype), augment, seed, precision, only)
+    part = _collect(batches, network.num_gates)
+    if not world.distributed:
+        return part
+    return _join(distributed.gather_objects(part))
+
+
+def _join(parts: list[CachedSplit]) -> CachedSplit:
+    """Consecutive row ranges of one split as one split."""
+    parts = [p for p in parts if len(p)] or parts[:1]
+    return CachedSplit(
+        [torch.cat([p.pooled[i] for p in parts]) for i in range(len(parts[0].pooled))],
+        torch.cat([p.final_logits for p in parts]),
+        torch.cat([p.labels for p in parts]),
+    )
 
 
 @contextmanager
@@ -198,9 +239,10 @@ class AugmentedFeatures:
         device: torch.device,
         seed: int,
         dtype: str | torch.dtype = "float32",
+        precision: str = "fp32",
     ) -> None:
         self.network, self.data, self.batch_size, self.device, self.seed = network, data, batch_size, device, seed
-        self.dtype = feature_dtype(dtype)
+        self.dtype, self.precision = feature_dtype(dtype), precision
         self.threads = torch.get_num_threads()  # the backbone pass gets all of them back
 
     def __len__(self) -> int:
@@ -210,7 +252,7 @@ class AugmentedFeatures:
         with cpu_threads(self.device, self.threads):
             return compute_split(
                 self.network, self.data, "train", self.batch_size, self.device, augment=True, seed=self.seed + epoch,
-                dtype=self.dtype,
+                dtype=self.dtype, precision=self.precision,
             )
 
 
@@ -276,12 +318,15 @@ def _hash_value(digest: Any, value: Any) -> None:
 
 
 def cache_key(
-    network: EarlyExitNetwork, data: DataSplits, split: str, fingerprint: str, dtype: str | torch.dtype = "float32"
+    network: EarlyExitNetwork, data: DataSplits, split: str, fingerprint: str, dtype: str | torch.dtype = "float32",
+    precision: str = "fp32",
 ) -> str:
     """Hash of what the features depend on: the backbone's weights, the IMs' pooling, the
-    split's inputs (``input_digest``), labels and size, ``fingerprint`` (the data settings) and
-    the ``dtype`` they are stored in."""
+    split's inputs (``input_digest``), labels and size, ``fingerprint`` (the data settings),
+    the ``dtype`` they are stored in and the ``precision`` the backbone ran in."""
     digest = hashlib.sha256(f"{CACHE_FORMAT}\0{fingerprint}\0{_dtype_name(feature_dtype(dtype))}".encode())
+    if precision != "fp32":  # (fp32 adds nothing: the keys of every entry made before precision existed hold)
+        digest.update(f"precision={precision}".encode())
     for name, tensor in sorted(network.backbone.state_dict().items()):
         digest.update(name.encode())
         _hash_value(digest, tensor)
@@ -777,6 +822,7 @@ def cached_split(
     dtype: str | torch.dtype = "float32",
     in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
     verify: bool | None = None,
+    precision: str = "fp32",
 ) -> CachedSplit:
     """Load the split's features from ``cache_dir`` if present, else compute (and store) them.
 
@@ -794,15 +840,19 @@ def cached_split(
     """
     dtype = feature_dtype(dtype)
     if cache_dir is None:
-        return compute_split(network, data, split, batch_size, device, dtype=dtype)
+        return compute_split(network, data, split, batch_size, device, dtype=dtype, precision=precision)
     cache_dir = Path(cache_dir).expanduser()
-    remove_stale_temp_files(cache_dir, STALE_TEMP_AFTER_S)
+    world = distributed.current()
+    if world.main:
+        remove_stale_temp_files(cache_dir, STALE_TEMP_AFTER_S)
     try:
-        key = cache_key(network, data, split, fingerprint, dtype)
+        key = cache_key(network, data, split, fingerprint, dtype, precision)
     except TypeError as err:
         log.warning("feature cache: not used for the %r split: %s", split, err)
-        return compute_split(network, data, split, batch_size, device, dtype=dtype)
+        return compute_split(network, data, split, batch_size, device, dtype=dtype, precision=precision)
     path = entry_path(cache_dir, key, split)
+    if world.distributed:
+        return _shared_split(network, data, split, batch_size, device, path, key, dtype, precision, in_memory_max_bytes, verify)
     try:
         present = path.exists()
     except OSError as err:
@@ -821,7 +871,7 @@ def cached_split(
             return result
 
     num_samples = data.size(split)
-    batches = _feature_batches(network, data, split, batch_size, device, dtype)
+    batches = _feature_batches(network, data, split, batch_size, device, dtype, precision=precision)
     first = next(batches, None)
     if first is None or _entry_bytes(first, num_samples) <= in_memory_max_bytes:
         result = _collect([first, *batches] if first is not None else [], network.num_gates)
@@ -845,13 +895,92 @@ def cached_split(
     except CacheWriteError as err:
         _warn_unwritable(path, cache_dir, split, str(err))
         batches.close()
-        return compute_split(network, data, split, batch_size, device, dtype=dtype)
+        return compute_split(network, data, split, batch_size, device, dtype=dtype, precision=precision)
     log.info("feature cache written (streamed): %s", path)
     try:
         return read_entry(path, key, split, labels, network.num_gates, in_memory_max_bytes=in_memory_max_bytes, verify=False)
     except CacheEntryError as err:  # replaced meanwhile by something else: compute in memory
         log.warning("feature cache: entry %s %s just after writing it; computing the %r features in memory", path, err, split)
-        return compute_split(network, data, split, batch_size, device, dtype=dtype)
+        return compute_split(network, data, split, batch_size, device, dtype=dtype, precision=precision)
+
+
+def _shared_split(
+    network: EarlyExitNetwork,
+    data: DataSplits,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    path: Path,
+    key: str,
+    dtype: torch.dtype,
+    precision: str,
+    in_memory_max_bytes: int,
+    verify: bool | None,
+) -> CachedSplit:
+    """``cached_split`` under torchrun. Rank 0 decides whether the entry is usable; if not, each
+    rank streams its range of batches to ``<entry>.shard<r>of<W>`` (memory O(batch)), rank 0
+    joins the shards into the entry (streamed again) and removes them, and every rank reads
+    the entry. A cache that cannot be written on any rank falls back to exchanging the
+    features in memory (``compute_split``). Every rank takes the same branches."""
+    world = distributed.current()
+    labels = data.labels(split)
+
+    def read() -> CachedSplit:
+        return read_entry(path, key, split, labels, network.num_gates, in_memory_max_bytes=in_memory_max_bytes, verify=verify)
+
+    usable = False
+    if world.main and path.exists():
+        try:
+            read()
+            usable = True
+        except CacheEntryError as err:
+            log.warning("feature cache: entry %s %s; recomputing it and replacing the entry", path, err)
+    if distributed.gather_objects(usable)[0]:
+        log.info("feature cache hit: %s", path)
+        return read()
+
+    mine = distributed.shard_range(_batch_count(data, split, batch_size), world)
+    rows = range(min(mine.start * batch_size, len(labels)), min(mine.stop * batch_size, len(labels)))
+    shard = path.with_name(f"{path.name}.shard{world.rank}of{world.size}")
+    failure = ""
+    if len(rows):
+        try:
+            _stream_entry(shard, _feature_batches(network, data, split, batch_size, device, dtype, precision=precision,
+                                                  only=mine), len(rows), key, f"{split}[{rows.start}:{rows.stop}]")
+        except CacheWriteError as err:
+            failure = str(err)
+    failures = [f for f in distributed.gather_objects(failure) if f]
+    ranges = distributed.gather_objects((rows.start, rows.stop))
+    shards = [path.with_name(f"{path.name}.shard{r}of{world.size}") for r in range(world.size)]
+    if not failures and world.main:
+        try:
+            _stream_entry(path, _shard_rows(shards, ranges, key, split, labels, network.num_gates, batch_size),
+                          len(labels), key, split)
+        except CacheWriteError as err:
+            failure = str(err)
+        for file in shards:
+            file.unlink(missing_ok=True)
+    failures += [f for f in distributed.gather_objects(failure) if f]
+    if failures:
+        shard.unlink(missing_ok=True)
+        _warn_unwritable(path, path.parent, split, failures[0])
+        return compute_split(network, data, split, batch_size, device, dtype=dtype, precision=precision)
+    log.info("feature cache written (from %d processes): %s", world.size, path)
+    return read()
+
+
+def _shard_rows(
+    shards: list[Path], ranges: list[tuple[int, int]], key: str, split: str, labels: Tensor, num_exits: int, batch_size: int
+) -> Iterator[tuple[list[Tensor], Tensor, Tensor]]:
+    """The rows of the shard files, in order, ``batch_size`` at a time (each shard memory-mapped)."""
+    for shard, (start, stop) in zip(shards, ranges):
+        if start == stop:
+            continue
+        part = read_entry(shard, key, f"{split}[{start}:{stop}]", labels[start:stop], num_exits, in_memory_max_bytes=0)
+        for begin in range(0, stop - start, batch_size):
+            end = min(begin + batch_size, stop - start)
+            yield [p[begin:end] for p in part.pooled], part.final_logits[begin:end], part.labels[begin:end]
+        del part
 
 
 def _verify_main(argv: list[str]) -> int:

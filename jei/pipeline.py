@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from jei import distributed
 from jei.backbone_cache import trained_backbone
 from jei.calibrate import (
     ConformalSettings,
@@ -44,6 +45,7 @@ from jei.evaluate import exit_metrics
 from jei.features import AugmentedFeatures, CachedSplit, cached_split, to_device
 from jei.io import atomic_write, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
+from jei.precision import autocast
 from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability, plot_training_curves
 from jei.predict import write_run_record
 from jei.tracking import TrainingLog, tensorboard_mode
@@ -65,6 +67,7 @@ class RunSettings:
     data_fingerprint: str = ""
     eval_batch_size: int = 256
     conformal: ConformalSettings = field(default_factory=ConformalSettings)
+    precision: str = "fp32"  # trainer.precision: the backbone's passes (jei.precision)
     # Filled from the config by ``run_experiment`` (``config_options``):
     backbone_cache_dir: Path | None = None  # None: no backbone cache
     backbone_config: Any = None  # the backbone's config, part of the backbone cache key
@@ -120,13 +123,16 @@ def save_state(module: torch.nn.Module, path: Path) -> None:
 
 
 @torch.no_grad()
-def early_exit_predictions(network: EarlyExitNetwork, data: DataSplits, split: str, batch_size: int, device: torch.device):
+def early_exit_predictions(
+    network: EarlyExitNetwork, data: DataSplits, split: str, batch_size: int, device: torch.device, precision: str = "fp32"
+):
     """Real early-exit inference over a split: logits at the exit taken, and the exits."""
     network.eval()
     logits, exits = [], []
     total = (data.size(split) + batch_size - 1) // batch_size
     for inputs, _ in tqdm(data.batches(split, batch_size), total=total, desc=f"early exit[{split}]", leave=False):
-        result = network.early_exit(to_device(inputs, device))
+        with autocast(device, precision):
+            result = network.early_exit(to_device(inputs, device))
         logits.append(result.logits.float().cpu())
         exits.append(result.exit_index.cpu())
     return torch.cat(logits), torch.cat(exits)
@@ -140,7 +146,9 @@ def evaluate(
     network.eval()
     test_outputs = exit_outputs(network, splits["test"], settings.device)
     cached_prediction = predict_from_outputs(test_outputs, network.policy)
-    test_logits, exits = early_exit_predictions(network, data, "test", settings.eval_batch_size, settings.device)
+    test_logits, exits = early_exit_predictions(
+        network, data, "test", settings.eval_batch_size, settings.device, settings.precision
+    )
     predictions = test_logits.argmax(-1)
     labels = splits["test"].labels
     metrics = exit_metrics(exits, predictions, labels, costs.normalized, test_outputs.logits)
@@ -229,8 +237,9 @@ def prepare(
             backbone, data, settings.backbone_training, device, settings.seed, Path(output_dir),
             cache_dir=settings.backbone_cache_dir, data_fingerprint=settings.data_fingerprint,
             backbone_config=settings.backbone_config, tracker=tracker, checkpoints=checkpoints,
+            precision=settings.precision,
         )
-        if tracker is not None:
+        if tracker is not None and distributed.current().main:
             plot_training_curves(tracker.rows, Path(output_dir) / "training_curves.png")
     backbone.freeze()
 
@@ -242,14 +251,16 @@ def prepare(
     def features(split: str) -> CachedSplit:
         return cached_split(
             network, data, split, settings.eval_batch_size, device, settings.feature_cache_dir, settings.data_fingerprint,
-            dtype=settings.feature_dtype,
+            dtype=settings.feature_dtype, precision=settings.precision,
         )
 
     if only_test:
         return network, costs, {"test": features("test")}, None, backbone_history
     splits = {split: features(split) for split in ("val", "cal", "test")}
     train_features = (
-        AugmentedFeatures(network, data, settings.eval_batch_size, device, settings.seed, settings.feature_dtype)
+        AugmentedFeatures(
+            network, data, settings.eval_batch_size, device, settings.seed, settings.feature_dtype, settings.precision
+        )
         if settings.exit_training.augment  # a fresh augmented pass per epoch instead of the cache
         else features("train")
     )
@@ -268,13 +279,23 @@ def run_experiment(
     """Run every stage and return the metrics also written to ``output_dir/metrics.json``.
 
     Seed (``seed_everything``) before building ``backbone`` for a reproducible run.
+
+    Under torchrun (``jei.distributed``) every process runs the backbone stage, the feature
+    extraction and the exit stage together; rank 0 alone then evaluates and writes the results
+    (``metrics.json`` records ``world_size``); the other ranks return ``{"world_size": N}``.
     """
     output_dir = Path(output_dir)
     settings = config_options(settings, config)
     device = settings.device
+    world = distributed.current()
     history: dict[str, Any] = {}
-    checkpoints = RunCheckpoints(output_dir, resume_record(settings, config), settings.resume)
-    tracker = TrainingLog(output_dir, tensorboard=settings.tensorboard)
+    record = resume_record(settings, config)
+    if world.main:  # decides whether the folder resumes (and starts it afresh if not) ...
+        checkpoints = RunCheckpoints(output_dir, record, settings.resume)
+    distributed.barrier()
+    if not world.main:  # ... then the others read the same checkpoints (they never write any)
+        checkpoints = RunCheckpoints(output_dir, record, reader=True)
+    tracker = TrainingLog(output_dir, tensorboard=settings.tensorboard) if world.main else None
     network, costs, splits, train_features, backbone_history = prepare(
         data, backbone, make_network, settings, output_dir, tracker=tracker, checkpoints=checkpoints
     )
@@ -285,10 +306,13 @@ def run_experiment(
         device, settings.seed, tracker=tracker,
         checkpoint=checkpoints.stage("exits", state_digest(network.backbone.state_dict())),
     )
+    if not world.main:
+        return {"world_size": world.size}
     tracker.close()
 
     metrics = evaluate(network, data, splits, costs, settings)
     metrics["history"] = history
+    metrics["world_size"] = world.size
     metrics["config"] = config or {}
 
     state = exits_state(network, objective)

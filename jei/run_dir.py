@@ -11,6 +11,14 @@ The resolver is registered with ``use_cache=True``: within one launch every inte
 the same parent gives the same folder, and Hydra copies this cache from the launch's config to
 each job of a sweep, so all jobs of a sweep share one sweep folder. Importing this module
 registers it (``jei.cli`` does).
+
+Under ``torchrun`` the N processes of one launch must share one folder, and they resolve it
+before they can talk to each other, so there the name is what they have in common: the
+launch's rendezvous id (``--rdzv-id``, or the one ``--standalone`` draws), or, with the default
+id "none", the rendezvous port and the launching agent's process id:
+``<parent>/torchrun_<id>``. Every process creates it if it is missing (so a folder of an
+earlier launch with the same id is reused; give each launch its own ``--rdzv-id`` or
+``hydra.run.dir`` on shared multi-node storage).
 """
 
 from __future__ import annotations
@@ -31,12 +39,28 @@ def clock() -> datetime:
     return datetime.now()
 
 
+def torchrun_launch() -> str | None:
+    """What names the folder of a torchrun launch, shared by its processes; None outside torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id in ("", "none"):
+        run_id = f"{os.environ.get('MASTER_PORT', '0')}-{os.getppid()}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+
+
 def unique_dir(parent: str | os.PathLike[str]) -> str:
-    """Create and return a new, empty folder ``<parent>/<time to the microsecond>[-k]``."""
+    """Create and return a new, empty folder ``<parent>/<time to the microsecond>[-k]``; under
+    torchrun, the launch's shared ``<parent>/torchrun_<id>`` (see the module docstring)."""
     parent = Path(parent).expanduser()
     stem = clock().strftime(TIME_FORMAT)
+    launch = torchrun_launch()
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        if launch is not None:
+            folder = parent / f"torchrun_{launch}"
+            folder.mkdir(exist_ok=True)
+            return str(folder)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             folder = parent / (stem if attempt == 1 else f"{stem}-{attempt}")
             try:

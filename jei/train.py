@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from jei import distributed
 from jei.checkpoint import epoch_done, rng_state, set_rng_state
 from jei.data.base import DataSplits
 from jei.exits import per_exit_losses
 from jei.features import AugmentedFeatures, CachedSplit, cpu_threads, to_device
 from jei.model import EarlyExitNetwork
+from jei.precision import autocast, grad_scaler
 from jei.tracking import backbone_rows, describe, exit_rows
 from jei.types import ExitOutputs, Objective, Phase, TrainBatch
 
@@ -147,20 +149,28 @@ def _check_finite(loss: Tensor, where: str, field_name: str) -> Tensor:
     return loss
 
 
-def _step(optimizer: torch.optim.Optimizer, schedule: Any, loss: Tensor) -> None:
+def _step(optimizer: torch.optim.Optimizer, schedule: Any, loss: Tensor, synchronise: list[nn.Parameter] | None = None) -> None:
+    """One optimiser step; ``synchronise``: parameters whose gradients are averaged over the
+    processes of a torchrun launch first (``jei.distributed``)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if synchronise is not None:
+        distributed.average_gradients(synchronise)
     optimizer.step()
     schedule.step()
 
 
 @torch.no_grad()
-def backbone_accuracy(backbone: nn.Module, data: DataSplits, split: str, batch_size: int, device: torch.device) -> float:
+def backbone_accuracy(
+    backbone: nn.Module, data: DataSplits, split: str, batch_size: int, device: torch.device, precision: str = "fp32"
+) -> float:
     was_training = backbone.training
     backbone.eval()
     correct = 0
     for inputs, labels in data.batches(split, batch_size):
-        correct += (backbone(to_device(inputs, device)).argmax(-1).cpu() == labels).sum().item()
+        with autocast(device, precision):
+            logits = backbone(to_device(inputs, device))
+        correct += (logits.argmax(-1).cpu() == labels).sum().item()
     backbone.train(was_training)
     return correct / data.size(split)
 
@@ -174,14 +184,24 @@ def fit_backbone(
     *,
     tracker: TrainingLog | None = None,
     checkpoint: StageCheckpoint | None = None,
+    precision: str = "fp32",
 ) -> dict[str, list[float]]:
     """Train ``backbone`` with cross-entropy; restore its best epoch by validation accuracy.
 
     ``tracker`` gets a row per epoch (``jei.tracking``); ``checkpoint`` is saved after every
     epoch and, when it holds one, training continues from it with the same result
-    (``jei.checkpoint``).
+    (``jei.checkpoint``). ``precision``: ``jei.precision``. Under torchrun the backbone is
+    wrapped in ``DistributedDataParallel`` and each process trains on its slice of every
+    batch (``jei.distributed``); only rank 0 saves checkpoints.
     """
     backbone.to(device).train()
+    world = distributed.current()
+    model: nn.Module = backbone
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(backbone, device_ids=[device] if device.type == "cuda" else None)
+    scaler = grad_scaler(device, precision)
     steps_per_epoch = math.ceil(data.size("train") / settings.batch_size)
     optimizer, schedule = settings.optimizer.build(backbone.parameters(), settings.epochs * steps_per_epoch)
     best_acc, best_state, history = -1.0, None, {"loss": [], "val_accuracy": []}
@@ -203,10 +223,20 @@ def fit_backbone(
         total = 0.0
         batches = data.batches("train", settings.batch_size, shuffle=True, seed=seed + epoch, augment=settings.augment)
         for inputs, labels in tqdm(batches, total=steps_per_epoch, desc=f"backbone epoch {epoch}", leave=False):
-            loss = F.cross_entropy(backbone(to_device(inputs, device)), labels.to(device))
-            _step(optimizer, schedule, _check_finite(loss, "backbone training", "trainer.backbone.optimizer.lr"))
-            total += loss.item()
-        accuracy = backbone_accuracy(backbone, data, "val", settings.batch_size, device)
+            rows, share = distributed.local_rows(len(labels), world)
+            if world.distributed:
+                inputs, labels = distributed.take_rows(inputs, rows), labels[rows]
+            with autocast(device, precision):
+                loss = F.cross_entropy(model(to_device(inputs, device)), labels.to(device))
+            _check_finite(loss, "backbone training", "trainer.backbone.optimizer.lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss * share).backward()  # DDP averages the ranks' gradients in backward
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            total += loss.item() * share
+        accuracy = backbone_accuracy(backbone, data, "val", settings.batch_size, device, precision)
+        (total,) = distributed.all_mean([total])
         history["loss"].append(total / steps_per_epoch)
         history["val_accuracy"].append(accuracy)
         row = {**backbone_rows(history)[-1], "seconds": time.perf_counter() - began}
@@ -215,7 +245,7 @@ def fit_backbone(
             tracker.record(row)
         if accuracy > best_acc:
             best_acc, best_state = accuracy, copy.deepcopy(backbone.state_dict())
-        if checkpoint is not None:
+        if checkpoint is not None and world.main:
             checkpoint.save({
                 "epoch": epoch + 1, "model": backbone.state_dict(), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "best_accuracy": best_acc, "best_state": best_state,
@@ -224,6 +254,9 @@ def fit_backbone(
         epoch_done("backbone")
     if best_state is not None:
         backbone.load_state_dict(best_state)
+    # Rank 0's best epoch on every process: BatchNorm statistics are each process's own (DDP
+    # broadcasts rank 0's before each forward, not after), and so may be their best epochs.
+    distributed.broadcast_module(backbone)
     return history
 
 
@@ -303,6 +336,7 @@ def _run_phase(
     log_epoch: Callable[[str, int, dict[str, float | None], ExitOutputs, float], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     history: list[dict[str, Any]] = []
+    world = distributed.current()
     if phase.on_start is not None:
         phase.on_start(exit_outputs(network, val, device), val.labels)
     if phase.fit is not None:
@@ -325,12 +359,19 @@ def _run_phase(
             for batch_number, start in enumerate(tqdm(starts, desc=f"{phase.name} {epoch}", leave=False)):
                 index = plan[epoch * steps_per_epoch + batch_number]
                 step = phase.steps[index]
-                pooled, final, labels = features.batch(order[start : start + settings.batch_size], device)
+                rows = order[start : start + settings.batch_size]
+                local, share = distributed.local_rows(len(rows), world)  # all rows, share 1: one process
+                pooled, final, labels = features.batch(rows[local] if world.distributed else rows, device)
                 batch = TrainBatch(pooled, final, labels, network.from_pooled(pooled, final))
                 loss = _check_finite(step.loss(batch), f"{phase.name} phase ({step.name})", "trainer.exits.optimizer.lr")
-                _step(*optimizers[index], loss)
-                losses[step.name].append(loss.item())
+                _step(*optimizers[index], loss * share if world.distributed else loss,
+                      step.parameters if world.distributed else None)
+                losses[step.name].append(loss.item() * share)
             val_outputs = exit_outputs(network, val, device)
+            if world.distributed:  # the whole batches' mean losses, for the log
+                names = [name for name in losses if losses[name]]
+                for name, total in zip(names, distributed.all_mean([sum(losses[n]) for n in names])):
+                    losses[name] = [total / len(losses[name])] * len(losses[name])
             mean_losses = {name: sum(v) / len(v) if v else None for name, v in losses.items()}
             history.append(log_epoch(phase.name, epoch, mean_losses, val_outputs, time.perf_counter() - began))
             if phase.on_epoch_end is not None and phase.on_epoch_end(epoch, val_outputs, val.labels):
@@ -364,10 +405,18 @@ def fit_exits(
     ``tracker`` (``jei.tracking.TrainingLog``) gets a row per epoch; ``checkpoint`` is saved at
     every phase boundary and, when it holds one, the finished phases are skipped and training
     continues with the same result (``jei.checkpoint`` explains why phases are its unit).
+
+    Under torchrun every process runs the same phases on its slice of each batch and the step's
+    gradients are averaged over the processes before each update (``jei.distributed``). This
+    is DistributedDataParallel's rule, applied by hand: a phase trains a changing subset of
+    parameters through losses the objective writes (some differentiate through their own
+    virtual steps), so there is no one module whose forward a DDP wrapper could own.
     """
     with cpu_threads(device, 1):  # IMs and gates are tiny ops, where CPU threading only costs
         network.to(device)
         network.backbone.freeze()
+        for part in (network.ims, network.gates):  # the same initial exits on every process
+            distributed.broadcast_module(part)
         costs = costs.to(device=device, dtype=torch.float32)
         current = {"number": 0, "of": 0, "epochs": 0}  # the phase running, for the console line
 
@@ -427,7 +476,7 @@ def fit_exits(
                 log.info("exits %d/%d %s: stopped early after %d of %d epochs", number + 1, len(phases), phase.name,
                          len(history[phase.name]), phase.epochs)
             epoch_base += phase.epochs
-            if checkpoint is not None:
+            if checkpoint is not None and distributed.current().main:
                 checkpoint.save({
                     "phases": [p.name for p in phases], "next_phase": number + 1, "history": history,
                     "network": trainable_state(network), "objective": objective.state_dict(), "rng": rng_state(),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from jei import distributed
 from jei.exits import per_exit_losses
 from jei.policies import budget_fractions, budgeted_thresholds, confidence, first_true
 from jei.im_phases import ims_phase
@@ -77,6 +78,7 @@ class L2WObjective:
             self.weight_network = WeightNetwork(num_gates)
         self.weight_network.to(device)
         if self._optimizer is None:
+            distributed.broadcast_module(self.weight_network)  # one initial weight network on every process
             self._optimizer = torch.optim.Adam(
                 self.weight_network.parameters(), lr=self.meta_lr, weight_decay=self.meta_weight_decay
             )
@@ -114,12 +116,16 @@ class L2WObjective:
         thresholds = budgeted_thresholds(scores.cpu(), fractions).to(scores.device)
         exits = first_true((scores >= thresholds.unsqueeze(-1)).T)
         early = exits < len(ims)
-        if not early.any():
+        # Under torchrun each process meta-steps on its slice; the weight network's gradients are
+        # averaged (a process with no early exit adds zero), and all skip the step together.
+        if not any(distributed.gather_objects(bool(early.any()))):
             return
-        rows = torch.arange(len(exits), device=exits.device)[early]
-        meta_loss = F.cross_entropy(meta_logits[exits[early], rows], labels[second][early])
         self._optimizer.zero_grad(set_to_none=True)
-        meta_loss.backward(inputs=list(weight_network.parameters()))
+        if early.any():
+            rows = torch.arange(len(exits), device=exits.device)[early]
+            meta_loss = F.cross_entropy(meta_logits[exits[early], rows], labels[second][early])
+            meta_loss.backward(inputs=list(weight_network.parameters()))
+        distributed.average_gradients(weight_network.parameters())
         self._optimizer.step()
 
     def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
