@@ -33,7 +33,7 @@ from jei.features import CachedSplit
 from jei.io import atomic_write, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
 from jei.pipeline import RunSettings, exits_state, seed_everything
-from jei.registry import OBJECTIVES, POLICIES
+from jei.registry import GATES, OBJECTIVES, POLICIES
 from jei.train import exit_outputs, fit_exits
 from jei.types import ExitOutputs
 
@@ -47,12 +47,15 @@ class Method:
     """One method of the comparison: objective and policy settings, and the knob to sweep.
 
     ``sweep`` is ``{"group": "objective" | "policy", "key": <argument>, "values": [...]}``.
+    ``gate``: overrides of the composed ``gate`` node for this method only (``{history: all}``;
+    a different ``name`` replaces the node); ``None``: the composed gate.
     """
 
     name: str
     objective: dict[str, Any]
     policy: dict[str, Any]
     sweep: dict[str, Any]
+    gate: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         group = self.sweep.get("group")
@@ -64,6 +67,15 @@ class Method:
             raise ValueError(f"methods.{self.name}: objective.name and policy.name are required")
         OBJECTIVES.get(self.objective["name"])  # unknown names fail now, listing the known ones
         POLICIES.get(self.policy["name"])
+        if self.gate is not None and not isinstance(self.gate, dict):
+            raise ValueError(f"methods.{self.name}.gate must be a mapping of gate settings, got {self.gate!r}")
+        if self.gate is not None and "name" in self.gate:
+            GATES.get(self.gate["name"])
+
+    def identity(self) -> list[Any]:
+        """What the trained models and points of this method depend on besides the knob (the
+        gate overrides only when set, so the keys of gate-less methods are as before)."""
+        return [] if not self.gate else [{"gate": self.gate}]
 
     def settings(self, knob: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """(objective kwargs, policy kwargs) with the knob set."""
@@ -95,6 +107,16 @@ class Trained:
             {s: ExitOutputs(tensors[f"{s}.logits"], tensors[f"{s}.gate_logits"]) for s in SPLITS},
             {s: tensors[f"{s}.labels"] for s in SPLITS},
         )
+
+
+def merge_gate(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """A method's gate node: the composed ``base`` with the method's overrides (a different
+    ``name`` replaces the node: another gate's settings would not apply)."""
+    if not override:
+        return dict(base)
+    if "name" in override and override["name"] != base.get("name"):
+        return dict(override)
+    return {**base, **override}
 
 
 def _digest(payload: Any) -> str:
@@ -310,7 +332,7 @@ class Comparison:
 
     def __init__(
         self,
-        make_network: Callable[[Any, Any], EarlyExitNetwork],
+        make_network: Callable[..., EarlyExitNetwork],  # (objective, policy node[, gate overrides])
         folds: list[dict[str, Any]],
         costs: Tensor,
         settings: RunSettings,
@@ -325,7 +347,7 @@ class Comparison:
 
     def _train_fold(self, method: Method, objective_kwargs: dict[str, Any], number: int) -> Trained:
         name = method.objective["name"]
-        identity = [self.fingerprint, name, objective_kwargs, self.settings.seed]
+        identity = [self.fingerprint, name, objective_kwargs, self.settings.seed, *method.identity()]
         if len(self.folds) > 1:
             identity.append(f"fold {number} of {len(self.folds)}")
         path = self.output_dir / "trained" / f"{name}-{_digest(identity)}.safetensors"
@@ -335,7 +357,8 @@ class Comparison:
         seed_everything(self.settings.seed)
         objective = OBJECTIVES.build(name, **objective_kwargs)
         # The policy's own defaults while training (it only shapes the logged validation numbers).
-        network = self.make_network(objective, {"name": method.policy["name"]})
+        policy = {"name": method.policy["name"]}
+        network = self.make_network(objective, policy) if not method.gate else self.make_network(objective, policy, method.gate)
         log.info("training %s %s%s", name, objective_kwargs, f" (fold {number})" if len(self.folds) > 1 else "")
         fit_exits(network, objective, fold["train"], fold["val"], self.costs, self.settings.exit_training,
                   self.settings.device, self.settings.seed)
@@ -361,7 +384,8 @@ class Comparison:
     def point(self, method: Method, knob: Any) -> dict[str, Any]:
         # Keyed by everything the point depends on: a method renamed or re-configured never
         # reuses another configuration's points.
-        identity = [self.fingerprint, method.objective, method.policy, knob, len(self.folds), self.alpha]
+        identity = [self.fingerprint, method.objective, method.policy, knob, len(self.folds), self.alpha,
+                    *method.identity()]
         path = self.output_dir / "points" / method.name / f"{_digest(identity)}.json"
         if path.is_file():
             return json.loads(path.read_text())

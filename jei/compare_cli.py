@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 import jei.run_dir  # noqa: F401  (registers the run-dir resolver)
 from jei.build import build_backbone, build_data, build_settings, network_factory, to_plain
 from jei.errors import ConfigError, cli_main, config_errors
-from jei.compare import Comparison, Method, crossfit_folds, markdown, memorisation_warnings, plot
+from jei.compare import Comparison, Method, crossfit_folds, markdown, memorisation_warnings, merge_gate, plot
 from jei.io import atomic_write, write_json
 from jei.pipeline import prepare, seed_everything
 from jei.validate import check_data
@@ -29,7 +29,8 @@ def parse_methods(node: Any, include: list[str] | None) -> list[Method]:
     if unknown:
         raise ValueError(f"include: unknown method(s) {', '.join(unknown)}; configured: {', '.join(plain)}")
     chosen = [name for name in plain if include is None or name in include]
-    return [Method(name, dict(plain[name]["objective"]), dict(plain[name]["policy"]), dict(plain[name]["sweep"]))
+    return [Method(name, dict(plain[name]["objective"]), dict(plain[name]["policy"]), dict(plain[name]["sweep"]),
+                   plain[name].get("gate"))
             for name in chosen]
 
 
@@ -63,8 +64,9 @@ def compare(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     for warning in warnings:
         log.warning(warning)
 
-    def make_network(objective: Any, policy: dict[str, Any]):
-        return network_factory(cfg.im, cfg.gate, data.num_classes, policy, objective)(network.backbone).to(settings.device)
+    def make_network(objective: Any, policy: dict[str, Any], gate: dict[str, Any] | None = None):
+        gate_node = cfg.gate if gate is None else merge_gate(to_plain(cfg.gate), gate)
+        return network_factory(cfg.im, gate_node, data.num_classes, policy, objective)(network.backbone).to(settings.device)
 
     comparison = Comparison(
         make_network, folds, costs.normalized, settings, output_dir, float(cfg.alpha),

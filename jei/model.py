@@ -54,6 +54,11 @@ class EarlyExitNetwork(nn.Module):
     def num_gates(self) -> int:
         return len(self.ims)
 
+    @property
+    def reads_history(self) -> bool:
+        """Whether a gate reads the exits before its own (``jei.types.HistoryGate``)."""
+        return any(getattr(gate, "reads_history", False) for gate in self.gates)
+
     def exit_parameters(self) -> dict[str, list[nn.Parameter]]:
         """The trainable parameters: IMs (theta) and gates (phi). The backbone has none."""
         return {"ims": list(self.ims.parameters()), "gates": list(self.gates.parameters())}
@@ -77,7 +82,13 @@ class EarlyExitNetwork(nn.Module):
             raw.append(self._combine(im.classifier(p), raw[-1] if raw else None))
         raw.append(self._combine(final_logits.to(raw[0].dtype), raw[-1]))
         logits = [self._scaled(z, index) for index, z in enumerate(raw)]
-        gate_logits = [gate(z) for gate, z in zip(self.gates, logits)]
+        if self.reads_history:
+            gate_logits, history = [], None
+            for gate, z in zip(self.gates, logits):
+                gate_logit, history = gate_step(gate, z, history)
+                gate_logits.append(gate_logit)
+        else:
+            gate_logits = [gate(z) for gate, z in zip(self.gates, logits)]
         return ExitOutputs(logits=torch.stack(logits), gate_logits=torch.stack(gate_logits, dim=-1))
 
     def forward(self, inputs: Any) -> ExitOutputs:
@@ -92,18 +103,29 @@ class EarlyExitNetwork(nn.Module):
         logits' device.
         """
         backbone, ims, gates = self.backbone, list(self.ims), list(self.gates)
+        history = self.reads_history
         return stream_exits(
             backbone.begin(inputs),
             backbone.batch_size(inputs),
             self.num_gates,
             segment=backbone.run_segment,
             head=lambda index, state: ims[index](backbone.represent(index, state)),
-            gate=lambda index, logits: gates[index](logits),
+            gate=(lambda index, logits, past: gate_step(gates[index], logits, past)) if history
+            else (lambda index, logits: gates[index](logits)),
             select=backbone.select,
             policy=self.policy,
             temperature=self.temperature,
             ensemble_decay=self.ensemble_decay,
+            gate_history=history,
         )
+
+
+def gate_step(gate: nn.Module, logits: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A gate's logit and the history for the next gate: a history gate's ``step``; any other
+    gate is called on the logits alone and passes the history on unchanged."""
+    if getattr(gate, "reads_history", False):
+        return gate.step(logits, history)
+    return gate(logits), history
 
 
 def combine(logits: Tensor, previous: Tensor | None, ensemble_decay: float) -> Tensor:
@@ -125,6 +147,7 @@ def stream_exits(
     policy: ExitPolicy,
     temperature: Tensor,
     ensemble_decay: float = 0.0,
+    gate_history: bool = False,
 ) -> EarlyExitResult:
     """The real early-exit loop over a chain of parts, shared by ``EarlyExitNetwork.early_exit``
     and the exported chain (``jei.export``).
@@ -134,7 +157,9 @@ def stream_exits(
     logits); ``head(i, state)`` is IM i's raw logits; ``gate(i, logits)`` gate i's logit;
     ``select(state, keep)`` the state of the samples at positions ``keep``. Exit i's logits are
     ``combine``d with the previous exit's (ensembles) and divided by ``temperature[i]``, exactly
-    as in ``EarlyExitNetwork.from_pooled``; ``policy`` decides who leaves.
+    as in ``EarlyExitNetwork.from_pooled``; ``policy`` decides who leaves. With
+    ``gate_history`` (history gates, ``jei.types.HistoryGate``) ``gate(i, logits, history)``
+    returns ``(gate logit, history)``, and the history is compacted with the samples.
 
     The work per exit is kept small:
     - one device-to-host read per exit (how many samples leave; plus one per call, which
@@ -143,8 +168,8 @@ def stream_exits(
       assembled once, at the end;
     - nothing is compacted at an exit no sample leaves, and once every sample has left no
       later segment runs;
-    - compaction is one ``index_select`` each of the backbone state, the policy state and
-      (with an ensemble) the previous prediction;
+    - compaction is one ``index_select`` each of the backbone state, the policy state,
+      (with an ensemble) the previous prediction and (with history gates) the gates' history;
     - gates are not evaluated for a policy that does not read them (``uses_gates`` False);
     - a division by a temperature of exactly 1 is skipped (it would change nothing).
     """
@@ -154,6 +179,7 @@ def stream_exits(
     active: Tensor | None = None  # original positions of the running samples; None: all, in order
     decision: dict[str, Tensor] | None = None
     previous: Tensor | None = None  # the last exit's prediction, for ensembles
+    history: Tensor | None = None  # history gates' per-sample history of the exits so far
     left: list[tuple[Tensor | None, int, Tensor]] = []  # (positions or None: all, exit, logits)
     dtype = None  # the first exit's logits' dtype: the output's, as in the all-exits pass
     for index in range(num_gates):
@@ -162,7 +188,12 @@ def stream_exits(
         logits = raw if unit[index] else raw / temperature[index].to(raw.dtype)
         if decision is None:
             decision, dtype = policy.begin(total, logits.device), logits.dtype
-        gate_logit = gate(index, logits) if read_gates else logits.new_zeros(running)
+        if not read_gates:
+            gate_logit = logits.new_zeros(running)
+        elif gate_history:
+            gate_logit, history = gate(index, logits, history)
+        else:
+            gate_logit = gate(index, logits)
         leaving, decision = policy.step(index, logits, gate_logit, decision)
         # The one device-to-host read of this exit.
         count = int(leaving.item()) if running == 1 else int(leaving.sum())
@@ -180,6 +211,7 @@ def stream_exits(
         running -= count
         decision = {key: _take(value, stay) for key, value in decision.items()}
         previous = raw.index_select(0, stay) if ensemble_decay != 0.0 else None
+        history = history.index_select(0, stay) if history is not None else None
         state = select(state, stay)
     final = combine(segment(num_gates, state).to(dtype), previous, ensemble_decay)
     scaled = final if unit[num_gates] else final / temperature[num_gates].to(final.dtype)

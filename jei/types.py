@@ -71,6 +71,25 @@ class EarlyExitResult:
     exit_index: Tensor  # [B], in 0..G
 
 
+class HistoryGate(Protocol):
+    """A gate that reads the exits before its own (``reads_history`` True; e.g. the
+    ``uncertainty`` gate with ``history`` set, ``jei.heads.gates``).
+
+    The model threads one per-sample tensor from gate to gate: gate l gets the history its
+    predecessor returned (``None`` at exit 0) and returns its gate logit and the history
+    extended by exit l. Rows are samples: in real early exit the model keeps the rows of the
+    samples still running (``index_select`` on dim 0), exactly as it compacts the batch, so the
+    all-exits pass and early exit give the same gate logits. A gate without ``reads_history``
+    is called as ``gate(logits)`` and never sees a history.
+    """
+
+    reads_history: bool
+
+    def step(self, logits: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(gate logit [B], history [B, H])`` at this gate's exit."""
+        ...
+
+
 class ExitPolicy(Protocol):
     """The exit rule: turns each exit's outputs into "leave here or go on" (see ``jei.policies``).
 
