@@ -23,15 +23,23 @@ class UncertaintyGate(nn.Module):
     - ``agreement`` (with history): also read, for the exits in the window, whether each exit's
       predicted class equals the next one's (consecutive agreement) and whether it equals exit
       l's (agreement with the current prediction): 0/1 indicators;
+    - ``past_features`` (with history): read the earlier exits' four features too (default);
+      False: only exit l's features and the agreement indicators. (With the JEI targets
+      t_l = [l >= l*], earlier exits' confidence tells gate l "an earlier exit was already
+      good enough", which is not whether exit l is right: see notes/history_gates.md);
     - ``index``: this gate's exit l, given by the builder (``jei.build.network_factory``); it
-      sizes the input: 4 (m + 1) + 2m features with m = min(l, w) previous exits (2m: agreement).
+      sizes the input: 4 (m + 1) + 2m features with m = min(l, w) previous exits (4m: past
+      features, 2m: agreement).
 
     The model threads a per-sample history tensor from gate to gate (``step``) in both the
     all-exits pass and real early exit, where it is compacted with the samples still running.
     Every feature is detached: the gate learns to read the IMs, not to change them.
     """
 
-    def __init__(self, num_classes: int, history: int | str | None = None, agreement: bool = True, index: int = 0) -> None:
+    def __init__(
+        self, num_classes: int, history: int | str | None = None, agreement: bool = True, index: int = 0,
+        past_features: bool = True,
+    ) -> None:
         super().__init__()
         if history is not None and history != "all" and (isinstance(history, bool) or not isinstance(history, int) or history < 0):
             raise ValueError(f"gate.history must be null, 'all' or an integer window >= 0, got {history!r}")
@@ -41,12 +49,13 @@ class UncertaintyGate(nn.Module):
         self.reads_history = history is not None
         self.history = history
         self.agreement = bool(agreement)
+        self.past_features = bool(past_features)
         self.index = index
         if not self.reads_history:
             self.linear = nn.Linear(4, 1)
             return
         self.previous = index if history == "all" else min(index, int(history))
-        width = 4 * (self.previous + 1) + (2 * self.previous if self.agreement else 0)
+        width = 4 * (self.previous + 1 if self.past_features else 1) + (2 * self.previous if self.agreement else 0)
         self.linear = nn.Linear(width, 1)
 
     def forward(self, logits: Tensor, history: Tensor | None = None) -> Tensor:
@@ -64,19 +73,21 @@ class UncertaintyGate(nn.Module):
         full = current if history is None else torch.cat([history.to(current.dtype), current], dim=-1)
         if not self.reads_history:  # the paper's gate, keeping the history going for later gates
             return self.forward(logits), full
-        return self.linear(history_features(full, self.previous, self.agreement).to(self.linear.weight.dtype)).squeeze(-1), full
+        inputs = history_features(full, self.previous, self.agreement, self.past_features)
+        return self.linear(inputs.to(self.linear.weight.dtype)).squeeze(-1), full
 
 
-def history_features(history: Tensor, previous: int, agreement: bool = True) -> Tensor:
+def history_features(history: Tensor, previous: int, agreement: bool = True, past_features: bool = True) -> Tensor:
     """A history gate's input from ``[B, 5 n]`` history (exits 0..n-1, the current one last):
     the uncertainty features of the last ``previous`` + 1 exits, oldest first, then (with
     ``agreement``) ``previous`` consecutive-agreement and ``previous`` agree-with-current
-    indicators. Missing earlier exits (a history shorter than the window) read as zeros."""
+    indicators (``past_features`` False: of the current exit's features only). Missing earlier
+    exits (a history shorter than the window) read as zeros."""
     blocks = history.view(history.shape[0], -1, HISTORY_WIDTH)[:, -(previous + 1):]
     missing = previous + 1 - blocks.shape[1]
     if missing > 0:
         blocks = torch.cat([blocks.new_zeros(blocks.shape[0], missing, HISTORY_WIDTH), blocks], dim=1)
-    parts = [blocks[..., :4].flatten(1)]
+    parts = [blocks[..., :4].flatten(1) if past_features else blocks[:, -1, :4]]
     if agreement and previous > 0:
         predicted = blocks[..., 4]
         parts.append((predicted[:, 1:] == predicted[:, :-1]).to(blocks.dtype))

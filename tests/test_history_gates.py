@@ -31,13 +31,13 @@ def backbone():
     ).freeze()
 
 
-def history_network(seed: int, history="all", agreement: bool = True, bias: float = 0.0) -> EarlyExitNetwork:
+def history_network(seed: int, history="all", agreement: bool = True, bias: float = 0.0, past: bool = True) -> EarlyExitNetwork:
     """A tiny frozen CNN whose gates read history, with weights spread so samples leave everywhere."""
     torch.manual_seed(seed)
     trunk = backbone()
     ims = [IMS.build("pool_linear", spec=spec, num_classes=NUM_CLASSES) for spec in trunk.exit_specs]
-    gates = [GATES.build("uncertainty", num_classes=NUM_CLASSES, history=history, agreement=agreement, index=spec.index)
-             for spec in trunk.exit_specs]
+    gates = [GATES.build("uncertainty", num_classes=NUM_CLASSES, history=history, agreement=agreement, index=spec.index,
+                         past_features=past) for spec in trunk.exit_specs]
     for gate in gates:
         torch.nn.init.normal_(gate.linear.weight, std=3.0)
         torch.nn.init.constant_(gate.linear.bias, bias)
@@ -55,11 +55,13 @@ def test_the_papers_gate_is_unchanged():
     assert torch.equal(gate(logits), reference(uncertainty_features(logits)).squeeze(-1))
 
 
-@pytest.mark.parametrize(("history", "agreement", "widths"), [
-    ("all", True, [4, 10, 16]), ("all", False, [4, 8, 12]), (1, True, [4, 10, 10]), (0, True, [4, 4, 4]),
+@pytest.mark.parametrize(("history", "agreement", "past", "widths"), [
+    ("all", True, True, [4, 10, 16]), ("all", False, True, [4, 8, 12]), (1, True, True, [4, 10, 10]),
+    (0, True, True, [4, 4, 4]), ("all", True, False, [4, 6, 8]),
 ])
-def test_history_gates_read_the_exits_of_their_window(history, agreement, widths):
-    gates = [UncertaintyGate(NUM_CLASSES, history=history, agreement=agreement, index=i) for i in range(3)]
+def test_history_gates_read_the_exits_of_their_window(history, agreement, past, widths):
+    gates = [UncertaintyGate(NUM_CLASSES, history=history, agreement=agreement, index=i, past_features=past)
+             for i in range(3)]
     assert [g.linear.in_features for g in gates] == widths
     assert all(g.reads_history for g in gates)
 
@@ -84,6 +86,8 @@ def test_history_features_are_the_window_of_features_and_agreements():
     assert inputs[:3, 12].eq(1).all()  # exits 0 and 1 agree there
     window = history_features(history, previous=1)  # exits 1 and 2 only
     assert torch.equal(window, expected[:, [4, 5, 6, 7, 8, 9, 10, 11, 13, 15]])
+    agreement_only = history_features(history, previous=2, past_features=False)  # exit 2's features, agreements
+    assert torch.equal(agreement_only, expected[:, 8:])
 
 
 def test_the_all_exits_pass_threads_the_history():
@@ -97,14 +101,15 @@ def test_the_all_exits_pass_threads_the_history():
         torch.testing.assert_close(outputs.gate_logits[:, index], expected)
 
 
-@pytest.mark.parametrize(("history", "agreement", "decay"), [
-    ("all", True, 0.0), ("all", True, 0.5), (1, True, 0.0), ("all", False, 0.0), (0, True, 0.0),
+@pytest.mark.parametrize(("history", "agreement", "decay", "past"), [
+    ("all", True, 0.0, True), ("all", True, 0.5, True), (1, True, 0.0, True), ("all", False, 0.0, True),
+    (0, True, 0.0, True), ("all", True, 0.0, False),
 ])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_real_early_exit_equals_all_exits_pass_with_history_gates(history, agreement, decay, seed):
+def test_real_early_exit_equals_all_exits_pass_with_history_gates(history, agreement, decay, past, seed):
     """Samples leave at every exit, so the history is compacted at every exit, and every
     policy (those that read gates among them) takes the same exits both ways."""
-    network = history_network(seed, history, agreement, bias=float(seed) - 1.0)
+    network = history_network(seed, history, agreement, bias=float(seed) - 1.0, past=past)
     network.ensemble_decay = decay
     inputs = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     outputs = network(inputs)
@@ -190,8 +195,9 @@ def test_a_history_gate_learns_agreement_that_a_current_exit_gate_cannot_see():
     gate_zero = UncertaintyGate(NUM_CLASSES, history="all", index=0)
     current_only = fit(UncertaintyGate(NUM_CLASSES, index=1))
     with_history = fit(UncertaintyGate(NUM_CLASSES, history="all", index=1))
+    agreement_only = fit(UncertaintyGate(NUM_CLASSES, history="all", index=1, past_features=False))
     assert current_only <= 0.55
-    assert with_history >= 0.99
+    assert with_history >= 0.99 and agreement_only >= 0.99
 
 
 def test_the_config_builds_history_gates_for_each_exit_and_costs_count_them():
