@@ -74,6 +74,13 @@ class _Head(nn.Module):
 
 def chain_parts(network: EarlyExitNetwork) -> dict[str, nn.Module]:
     """The modules that are exported, by file stem: ``segment_i`` (G+1), ``im_i`` and ``gate_i`` (G)."""
+    if any(getattr(gate, "reads_history", False) for gate in network.gates):
+        # The host loop calls each gate on its own exit's logits; a history gate would read zeros
+        # for the earlier exits and give other exits than the model.
+        raise ExportError(
+            "export does not support gates that read earlier exits (gate history/agreement); "
+            "export a network with the default gate (history: null)"
+        )
     backbone = network.backbone
     parts: dict[str, nn.Module] = {f"segment_{i}": _Segment(backbone, i) for i in range(network.num_gates + 1)}
     for index, (im, gate) in enumerate(zip(network.ims, network.gates)):

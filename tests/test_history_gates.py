@@ -248,3 +248,12 @@ def test_compare_config_has_the_history_methods():
     assert method["gate"] == {"name": "uncertainty", "history": "all", "agreement": True}
     assert method["objective"] == reference["objective"] and method["policy"] == reference["policy"]
     assert method["sweep"] == reference["sweep"] and "gate" not in reference
+
+
+def test_export_refuses_history_gates() -> None:
+    # The exported host loop calls each gate on its own exit alone: it must not export a chain
+    # that would give other exits than the model.
+    from jei.export import ExportError, chain_parts
+
+    with pytest.raises(ExportError, match="gates that read earlier exits"):
+        chain_parts(history_network(0))
