@@ -149,13 +149,12 @@ def _check_finite(loss: Tensor, where: str, field_name: str) -> Tensor:
     return loss
 
 
-def _step(optimizer: torch.optim.Optimizer, schedule: Any, loss: Tensor, synchronise: list[nn.Parameter] | None = None) -> None:
-    """One optimiser step; ``synchronise``: parameters whose gradients are averaged over the
-    processes of a torchrun launch first (``jei.distributed``)."""
+def _step(optimizer: torch.optim.Optimizer, schedule: Any, loss: Tensor, synchronise: list[nn.Parameter]) -> None:
+    """One optimiser step; the gradients of ``synchronise`` are first averaged over the processes
+    of a torchrun launch (``jei.distributed``; nothing to do for one process)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if synchronise is not None:
-        distributed.average_gradients(synchronise)
+    distributed.average_gradients(synchronise)
     optimizer.step()
     schedule.step()
 
@@ -361,11 +360,10 @@ def _run_phase(
                 step = phase.steps[index]
                 rows = order[start : start + settings.batch_size]
                 local, share = distributed.local_rows(len(rows), world)  # all rows, share 1: one process
-                pooled, final, labels = features.batch(rows[local] if world.distributed else rows, device)
+                pooled, final, labels = features.batch(rows[local], device)
                 batch = TrainBatch(pooled, final, labels, network.from_pooled(pooled, final))
                 loss = _check_finite(step.loss(batch), f"{phase.name} phase ({step.name})", "trainer.exits.optimizer.lr")
-                _step(*optimizers[index], loss * share if world.distributed else loss,
-                      step.parameters if world.distributed else None)
+                _step(*optimizers[index], loss * share, step.parameters)
                 losses[step.name].append(loss.item() * share)
             val_outputs = exit_outputs(network, val, device)
             if world.distributed:  # the whole batches' mean losses, for the log
