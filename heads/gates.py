@@ -26,7 +26,7 @@ class UncertaintyGate(nn.Module):
     - ``past_features`` (with history): read the earlier exits' four features too (default);
       False: only exit l's features and the agreement indicators. (With the JEI targets
       t_l = [l >= l*], earlier exits' confidence tells gate l "an earlier exit was already
-      good enough", which is not whether exit l is right: see notes/history_gates.md);
+      good enough", which is not whether exit l is right; gate_target=correct trains on that instead);
     - ``index``: this gate's exit l, given by the builder (``jei.build.network_factory``); it
       sizes the input: 4 (m + 1) + 2m features with m = min(l, w) previous exits (4m: past
       features, 2m: agreement).

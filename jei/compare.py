@@ -326,7 +326,8 @@ class Comparison:
     """Trains and evaluates the methods; every trained model and point is stored on disk.
 
     ``folds``: one dict of ``train``/``val``/``cal``/``test`` features per fold (one fold for the
-    standard protocol; k for cross-fitting). A policy is fitted on each fold's validation split
+    standard protocol; k for cross-fitting), and optionally ``ims_train``: the features the
+    IM-only phases train on instead (``jei.train.fit_exits``). A policy is fitted on each fold's validation split
     and evaluated on that fold's test samples; the points pool the folds.
     """
 
@@ -361,7 +362,7 @@ class Comparison:
         network = self.make_network(objective, policy) if not method.gate else self.make_network(objective, policy, method.gate)
         log.info("training %s %s%s", name, objective_kwargs, f" (fold {number})" if len(self.folds) > 1 else "")
         fit_exits(network, objective, fold["train"], fold["val"], self.costs, self.settings.exit_training,
-                  self.settings.device, self.settings.seed)
+                  self.settings.device, self.settings.seed, ims_train=fold.get("ims_train"))
         result = Trained(
             {s: exit_outputs(network, fold[s], self.settings.device) for s in SPLITS},
             {s: fold[s].labels for s in SPLITS},

@@ -53,11 +53,19 @@ def compare(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     protocol = str(cfg.protocol)
     if protocol not in ("standard", "crossfit"):
         raise ConfigError(f"protocol must be 'standard' or 'crossfit', got {protocol!r}", "protocol")
+    crossfit_ims = str(cfg.crossfit_ims)
+    if crossfit_ims not in ("folds", "train"):
+        raise ConfigError(f"crossfit_ims must be 'folds' or 'train', got {crossfit_ims!r}", "crossfit_ims")
+    ims_on_train = protocol == "crossfit" and crossfit_ims == "train"
     network, costs, splits, train, _ = prepare(
-        data, backbone, template, settings, output_dir, only_test=protocol == "crossfit"
+        data, backbone, template, settings, output_dir, only_test=protocol == "crossfit" and not ims_on_train
     )
     if protocol == "crossfit":
         folds = crossfit_folds(splits["test"], int(cfg.folds), settings.seed)
+        if ims_on_train:  # IM-only phases learn from the training images; everything else from test folds
+            folds = [{**fold, "ims_train": train} for fold in folds]
+            log.info("crossfit_ims=train: IMs fitted on the %d training images; gates, temperatures, thresholds "
+                     "and conformal sets on the test folds", len(train))
     else:
         folds = [{"train": train, **splits}]
     warnings = memorisation_warnings(folds[0]["train"], folds[0]["test"], protocol)
@@ -71,7 +79,8 @@ def compare(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     comparison = Comparison(
         make_network, folds, costs.normalized, settings, output_dir, float(cfg.alpha),
         fingerprint=str([to_plain(cfg.data), to_plain(cfg.backbone), to_plain(cfg.im), to_plain(cfg.gate),
-                         to_plain(cfg.trainer.exits), protocol, int(cfg.folds) if protocol == "crossfit" else None]),
+                         to_plain(cfg.trainer.exits), protocol, int(cfg.folds) if protocol == "crossfit" else None]
+                        + (["ims on train"] if ims_on_train else [])),
     )
     result = comparison.run(methods, [float(c) for c in cfg.matched_costs], reference,
                             None if budget is None else float(budget), int(cfg.budget_iterations))

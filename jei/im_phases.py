@@ -29,7 +29,7 @@ from jei.validate import choice, integer, number, sequence
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("adamw", "lbfgs")
+SOLVERS = ("adamw", "lbfgs", "auto")
 
 
 def ims_phase(
@@ -60,6 +60,7 @@ def ims_phase(
         optimizer=optimizer,
         on_epoch_end=lambda epoch, outputs, labels: best.update(metric(outputs, labels)),
         on_end=best.restore,
+        ims_only=True,
     )
 
 
@@ -150,6 +151,17 @@ def _fit_linear_im(
     return result
 
 
+def _im_layers(network: nn.Module) -> list[nn.Module]:
+    return [getattr(im, "classifier", im) for im in network.ims]
+
+
+def lbfgs_applies(network: nn.Module) -> bool:
+    """Whether ``fit_linear_ims`` can fit this network's IMs: linear with a bias, independent."""
+    return getattr(network, "ensemble_decay", 0.0) == 0.0 and all(
+        isinstance(layer, nn.Linear) and layer.bias is not None for layer in _im_layers(network)
+    )
+
+
 def fit_linear_ims(
     network: nn.Module,
     train: FeatureSource,
@@ -173,7 +185,7 @@ def fit_linear_ims(
             "objective.ims.solver=lbfgs fits each IM on its own, which needs IMs that do not depend on "
             f"each other (ensemble_decay 0, got {network.ensemble_decay}); use solver=adamw"
         )
-    layers = [getattr(im, "classifier", im) for im in network.ims]
+    layers = _im_layers(network)
     for index, layer in enumerate(layers):
         if not isinstance(layer, nn.Linear) or layer.bias is None:
             raise ValueError(
@@ -206,7 +218,9 @@ class ConvergedIMs:
       ``max_iter`` iterations, until the largest gradient entry is below ``tolerance``) on
       cross-entropy + weight_decay / 2 * ||W||^2, for each of ``weight_decays``, keeping per IM
       the decay of lowest validation loss (``fit_linear_ims``); ``max_epochs``, ``patience`` and
-      ``optimizer`` are not used.
+      ``optimizer`` are not used;
+    - ``auto``: ``lbfgs`` where it applies (linear, independent IMs, positive per-IM loss
+      weights), ``adamw`` otherwise.
 
     Then per-IM temperature scaling when ``temperature``.
     """
@@ -237,14 +251,18 @@ class ConvergedIMs:
     def phases(self, network: nn.Module, weights: Tensor | None = None) -> list[Phase]:
         """``weights``: per-IM loss weights ``[G]`` (uniform when None). With ``solver=lbfgs``
         each IM is fitted on its own, where a positive weight does not change the minimiser."""
-        if self.solver == "lbfgs":
+        solver = self.solver
+        if solver == "auto":
+            positive = weights is None or bool((weights > 0).all())
+            solver = "lbfgs" if lbfgs_applies(network) and positive else "adamw"
+        if solver == "lbfgs":
             if weights is not None and not bool((weights > 0).all()):
                 raise ValueError(f"objective.ims.solver=lbfgs needs positive per-IM loss weights, got {weights.tolist()}")
 
             def fit(train: FeatureSource, val: FeatureSource, device: torch.device) -> None:
                 fit_linear_ims(network, train, val, device, self.weight_decays, self.max_iter, self.tolerance)
 
-            phases = [Phase("ims", 0, [], fit=fit)]
+            phases = [Phase("ims", 0, [], fit=fit, ims_only=True)]
         else:
             def loss(batch: TrainBatch, active: Tensor) -> Tensor:
                 scale = active.to(batch.outputs.logits) if weights is None else active * weights.to(active.device)

@@ -27,7 +27,7 @@ from jei.features import AugmentedFeatures, CachedSplit, cpu_threads, to_device
 from jei.model import EarlyExitNetwork
 from jei.precision import autocast, grad_scaler
 from jei.tracking import backbone_rows, describe, exit_rows
-from jei.types import ExitOutputs, Objective, Phase, TrainBatch
+from jei.types import ExitOutputs, FeatureSource, Objective, Phase, TrainBatch
 
 if TYPE_CHECKING:
     from jei.checkpoint import StageCheckpoint
@@ -333,8 +333,11 @@ def _run_phase(
     seed: int,
     epoch_base: int,
     log_epoch: Callable[[str, int, dict[str, float | None], ExitOutputs, float], dict[str, Any]],
+    ims_train: FeatureSource | None = None,
 ) -> list[dict[str, Any]]:
     history: list[dict[str, Any]] = []
+    if phase.ims_only and ims_train is not None:
+        train = ims_train
     world = distributed.current()
     if phase.on_start is not None:
         phase.on_start(exit_outputs(network, val, device), val.labels)
@@ -396,6 +399,7 @@ def fit_exits(
     *,
     tracker: TrainingLog | None = None,
     checkpoint: StageCheckpoint | None = None,
+    ims_train: FeatureSource | None = None,
 ) -> dict[str, Any]:
     """Stage 2: run the objective's phases over the training features, then fit the exit policy
     on the validation split. Returns the per-epoch history of every phase.
@@ -403,6 +407,9 @@ def fit_exits(
     ``tracker`` (``jei.tracking.TrainingLog``) gets a row per epoch; ``checkpoint`` is saved at
     every phase boundary and, when it holds one, the finished phases are skipped and training
     continues with the same result (``jei.checkpoint`` explains why phases are its unit).
+    ``ims_train``: the features that phases marked ``ims_only`` train on instead of ``train``
+    (IMs fitted on a larger split than the gates, e.g. the backbone's training images while
+    the gates learn on held-out ones); None: every phase reads ``train``.
 
     Under torchrun every process runs the same phases on its slice of each batch and the step's
     gradients are averaged over the processes before each update (``jei.distributed``). This
@@ -468,7 +475,7 @@ def fit_exits(
             log.info("exits %d/%d %s: %s", number + 1, len(phases), phase.name,
                      f"up to {phase.epochs} epochs training {steps}" if phase.steps else "no training (hooks only)")
             history[phase.name] = _run_phase(
-                network, phase, train, val, settings, device, seed + 1000 * number, epoch_base, log_epoch
+                network, phase, train, val, settings, device, seed + 1000 * number, epoch_base, log_epoch, ims_train
             )
             if phase.steps and len(history[phase.name]) < phase.epochs:
                 log.info("exits %d/%d %s: stopped early after %d of %d epochs", number + 1, len(phases), phase.name,

@@ -166,7 +166,9 @@ class Phase:
     the phase by returning True. A phase with no steps trains nothing (only its hooks run).
     ``fit`` is for fits that need the whole training split at once rather than batches (a
     full-batch L-BFGS fit): it gets ``(train features, val features, device)`` after
-    ``on_start`` and before any step.
+    ``on_start`` and before any step. ``ims_only`` marks a phase that trains the IMs alone on
+    their classification loss (no gate, no exit decision): a protocol may give such phases a
+    separate IM training split (``fit_exits(ims_train=...)``; ``jei-compare crossfit_ims=train``).
     """
 
     name: str
@@ -178,6 +180,7 @@ class Phase:
     on_epoch_end: Callable[[int, ExitOutputs, Tensor], bool] | None = None
     on_end: Callable[[], None] | None = None
     fit: Callable[[FeatureSource, FeatureSource, torch.device], None] | None = None
+    ims_only: bool = False
 
 
 class Objective(Protocol):

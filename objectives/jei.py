@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jei.exits import POS_WEIGHT_RULES, exit_probabilities, gate_targets, oracle_exit, per_exit_losses, positive_class_weights
+from jei.full_batch import lbfgs_phase
 from jei.im_phases import converged_ims, ims_phase
 from jei.train import per_exit_accuracy
 from jei.types import ExitOutputs, Phase, Step, TrainBatch
@@ -22,6 +23,8 @@ from jei.validate import boolean, choice, number
 log = logging.getLogger(__name__)
 
 ImWeighting = Literal["paper", "uniform"]
+GATE_TARGETS = ("oracle", "correct")
+GATE_SOLVERS = ("sgd", "lbfgs")
 
 
 class JEIObjective:
@@ -41,6 +44,17 @@ class JEIObjective:
             and calibrate them (``jei.im_phases.ConvergedIMs`` fields); None: the paper's warm-up.
         train_ims: False trains only the gates after the IM stage (the alternation has no IM
             phase), so the gates are measured on fixed IMs.
+        gate_target: what gate l is trained to predict. ``"oracle"`` (the paper, §4.2):
+            t_l = [l >= l*] with l* = argmin_l CE_l + cost_weight * c_l, balanced by
+            ``pos_weight_rule``. ``"correct"``: t_l = [exit l's prediction is right], plain BCE,
+            so g_l estimates P(exit l is correct | x): a learned confidence score for a threshold
+            policy (``penalized`` or ``gate_threshold``), where the cost trade-off is then set;
+            ``cost_weight`` and ``pos_weight_rule`` play no part in training.
+        gate_solver: ``"sgd"`` (the paper: gate steps of the alternation, with the trainer's
+            optimiser) or ``"lbfgs"`` (with ``train_ims=False`` only: the gates read fixed IMs,
+            so their loss is a logistic regression; fitted on the whole training split by
+            ``jei.full_batch.lbfgs_phase``, with ``gate_weight_decay``).
+        gate_weight_decay: the L2 penalty of the L-BFGS gate fit.
     """
 
     default_policy = "jei"
@@ -55,6 +69,9 @@ class JEIObjective:
         pos_weight_rule: str = "balanced",
         ims: dict[str, Any] | None = None,
         train_ims: bool = True,
+        gate_target: str = "oracle",
+        gate_solver: str = "sgd",
+        gate_weight_decay: float = 1e-4,
     ) -> None:
         number(cost_weight, "objective.cost_weight", minimum=0, hint="e.g. 0.5; higher means earlier exits")
         choice(im_weighting, "objective.im_weighting", ("paper", "uniform"))
@@ -70,6 +87,16 @@ class JEIObjective:
         self.ims = converged_ims(ims)
         boolean(train_ims, "objective.train_ims")
         self.train_ims = train_ims
+        choice(gate_target, "objective.gate_target", GATE_TARGETS)
+        self.gate_target = gate_target
+        choice(gate_solver, "objective.gate_solver", GATE_SOLVERS)
+        if gate_solver == "lbfgs" and train_ims:
+            raise ValueError(
+                "objective.gate_solver=lbfgs fits the gates on fixed IMs; set objective.train_ims=false "
+                "(or gate_solver=sgd to alternate with the IMs)"
+            )
+        self.gate_solver = gate_solver
+        self.gate_weight_decay = float(number(gate_weight_decay, "objective.gate_weight_decay", minimum=0.0))
         self._degenerate_warned: set[int] = set()
 
     def warmup_loss(self, im_logits: Tensor, labels: Tensor, active: Tensor | None = None) -> Tensor:
@@ -90,8 +117,12 @@ class JEIObjective:
         return oracle_exit(per_exit_losses(exit_logits.detach(), labels), costs, self.cost_weight)
 
     def gate_loss(self, exit_logits: Tensor, gate_logits: Tensor, labels: Tensor, costs: Tensor) -> Tensor:
-        """Mean BCE between gate logits and the surrogate targets t_l = [l >= l*]."""
+        """Mean BCE between gate logits and their targets: the surrogate t_l = [l >= l*] with the
+        positive-class weights, or (``gate_target="correct"``) whether exit l is right."""
         num_gates = gate_logits.shape[-1]
+        if self.gate_target == "correct":
+            correct = exit_logits[:num_gates].detach().argmax(dim=-1) == labels  # [G, B]
+            return F.binary_cross_entropy_with_logits(gate_logits, correct.T.to(gate_logits))
         targets = gate_targets(self.best_exits(exit_logits, labels, costs), num_gates)
         pos_weight = self.pos_weight if self.pos_weight is not None else torch.ones(num_gates)
         return F.binary_cross_entropy_with_logits(gate_logits, targets, pos_weight=pos_weight.to(gate_logits))
@@ -108,7 +139,10 @@ class JEIObjective:
         return per_sample.mean()
 
     def update_from_validation(self, exit_logits: Tensor, labels: Tensor, costs: Tensor) -> None:
-        """Re-estimate the gates' positive-class weights from the validation split."""
+        """Re-estimate the gates' positive-class weights from the validation split (the oracle
+        targets only: correctness targets are unweighted)."""
+        if self.gate_target == "correct":
+            return
         num_gates = exit_logits.shape[0] - 1
         best = self.best_exits(exit_logits, labels, costs)
         self.pos_weight = positive_class_weights(best.cpu(), num_gates, self.pos_weight_cap, self.pos_weight_rule)
@@ -151,6 +185,8 @@ class JEIObjective:
             ]
         )
         steps = [Step("gates", list(network.gates.parameters()), gates)]
+        if self.gate_solver == "lbfgs":
+            return [*start, lbfgs_phase("gates", network, steps[0], self.gate_weight_decay, on_start=reweigh)]
         if self.train_ims:
             steps.append(Step("ims", ims_params, ims))
         return [

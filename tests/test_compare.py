@@ -55,7 +55,7 @@ def test_compare_writes_its_schema_and_reuses_finished_points(tmp_path):
     again = run_compare(tmp_path)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "trained").iterdir()} == stamps  # nothing retrained
     assert again["points"] == result["points"]
-    changed = run_compare(tmp_path, "+methods.max_prob.objective.weighting=early")  # same name, new settings
+    changed = run_compare(tmp_path, "converged_ims.temperature=false")  # same name, new settings
     assert len(list((tmp_path / "trained").glob("sdn-*.safetensors"))) == 2
     assert len(list((tmp_path / "points" / "max_prob").glob("*.json"))) == 8
     assert changed["points"] != result["points"]
@@ -120,6 +120,16 @@ def test_crossfit_protocol_pools_held_out_folds_of_the_test_split(tmp_path):
     assert test_size == 359  # every digits test image, each predicted by exits that never saw it
     assert len(list((tmp_path / "trained").glob("sdn-*.safetensors"))) == 3  # one model per fold
     assert set(result["ims"]["max_prob"]) == {"accuracy", "ece"}
+
+
+def test_crossfit_ims_on_train_fits_the_ims_on_the_training_images(tmp_path):
+    folds = run_compare(tmp_path / "folds", "include=[max_prob]", "protocol=crossfit", "folds=3")
+    train = run_compare(tmp_path / "train", "include=[max_prob]", "protocol=crossfit", "folds=3", "crossfit_ims=train")
+    assert train["points"][0]["num_test_samples"] == 359  # still every test image, held out
+    # the same test images, other IMs: learnt from the training split instead of the test folds
+    assert train["ims"]["max_prob"]["accuracy"] != folds["ims"]["max_prob"]["accuracy"]
+    with pytest.raises(Exception, match="crossfit_ims"):
+        run_compare(tmp_path / "bad", "include=[max_prob]", "protocol=crossfit", "crossfit_ims=test")
 
 
 def test_crossfit_folds_are_disjoint_and_cover_the_split():

@@ -153,3 +153,38 @@ def test_lbfgs_refuses_what_it_cannot_fit_on_its_own():
         fit_linear_ims(mlp, train, val, CPU, DECAYS)
     with pytest.raises(ValueError, match="positive per-IM loss weights"):
         ConvergedIMs(solver="lbfgs").phases(tiny_network(0), torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_ims_only_phases_train_on_the_separate_ims_split_and_the_gates_do_not():
+    """fit_exits(ims_train=B): the converged IMs are those fitted on B alone (not on train A),
+    while the gates' phase still reads A (gates fitted on A give different gates than on B)."""
+    data = noisy_data()
+    reference = tiny_network(0)
+    train, val = cached(reference, data)
+    other = compute_split(reference, data, "cal", 64, CPU)
+    ims = {"solver": "lbfgs", "weight_decays": DECAYS}
+
+    def run(train_split, ims_split):
+        network = tiny_network(0)
+        objective = OBJECTIVES.build("jei", ims=ims, train_ims=False, gate_solver="lbfgs", gate_target="correct")
+        fit_exits(network, objective, train_split, val, COSTS, SCHEDULE, CPU, 0, ims_train=ims_split)
+        return network
+
+    split_ims = run(train, other)
+    on_other = run(other, None)
+    on_train = run(train, None)
+    for a, b, c in zip(split_ims.ims.parameters(), on_other.ims.parameters(), on_train.ims.parameters()):
+        torch.testing.assert_close(a, b)
+        assert not torch.allclose(a, c)
+    torch.testing.assert_close(split_ims.temperature, on_other.temperature)  # both calibrated on val
+    gates = [torch.cat([p.flatten() for p in n.gates.parameters()]) for n in (split_ims, on_other)]
+    assert not torch.allclose(*gates)
+
+
+def test_auto_solver_takes_lbfgs_for_linear_ims_and_adamw_otherwise():
+    auto = ConvergedIMs(solver="auto", weight_decays=DECAYS)
+    assert auto.phases(tiny_network(0))[0].fit is not None  # linear IMs: the full-batch fit
+    ensembled = tiny_network(0)
+    ensembled.ensemble_decay = 0.5
+    assert auto.phases(ensembled)[0].fit is None and auto.phases(ensembled)[0].steps  # epochs of AdamW
+    assert auto.phases(tiny_network(0), torch.tensor([1.0, 0.0, 1.0]))[0].fit is None  # a zero-weight IM

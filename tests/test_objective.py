@@ -95,10 +95,29 @@ def test_positive_weights_come_from_validation():
     assert (objective.pos_weight <= 5.0).all()
 
 
+def test_correct_gate_target_is_plain_bce_on_whether_each_exit_is_right():
+    logits, gate_logits, labels, costs = random_outputs(6, batch=40)
+    objective = JEIObjective(cost_weight=7.0, gate_target="correct")
+    objective.update_from_validation(logits, labels, costs)  # no class weights for these targets
+    assert objective.pos_weight is None
+    correct = (logits[:-1].argmax(-1) == labels).T.float()  # [B, G]
+    expected = F.binary_cross_entropy_with_logits(gate_logits, correct)
+    torch.testing.assert_close(objective.gate_loss(logits, gate_logits, labels, costs), expected)
+    # the cost weight does not enter the targets
+    other = JEIObjective(cost_weight=0.0, gate_target="correct").gate_loss(logits, gate_logits, labels, costs)
+    torch.testing.assert_close(other, expected)
+    gate_logits.requires_grad_(True)
+    objective.gate_loss(logits, gate_logits, labels, costs).backward()
+    assert gate_logits.grad.abs().sum() > 0  # a gradient whatever the class balance
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"cost_weight": -0.1}, "cost_weight"), ({"cost_weight": float("nan")}, "cost_weight"),
-     ({"im_weighting": "mean"}, "im_weighting"), ({"pos_weight_cap": 0}, "pos_weight_cap")],
+     ({"im_weighting": "mean"}, "im_weighting"), ({"pos_weight_cap": 0}, "pos_weight_cap"),
+     ({"gate_target": "best"}, "gate_target"), ({"gate_solver": "adam"}, "gate_solver"),
+     ({"gate_solver": "lbfgs"}, "gate_solver"),  # lbfgs fits gates on fixed IMs only (train_ims=False)
+     ({"gate_solver": "lbfgs", "train_ims": False, "gate_weight_decay": -1.0}, "gate_weight_decay")],
 )
 def test_invalid_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"objective.{field}"):

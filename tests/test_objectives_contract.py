@@ -27,6 +27,10 @@ VARIANTS = {  # named options measured in jei-compare
     "sdn+converged": ("sdn", {"ims": CONVERGED}),
     "jei+converged": ("jei", {"ims": CONVERGED}),
     "jei+fixed_ims": ("jei", {"ims": CONVERGED, "train_ims": False, "pos_weight_rule": "balanced_nonzero"}),
+    "jei+correct_gates": ("jei", {"ims": CONVERGED, "train_ims": False, "gate_target": "correct"}),
+    "jei+lbfgs_gates": ("jei", {"ims": CONVERGED, "train_ims": False, "gate_solver": "lbfgs"}),
+    "jei+correct_lbfgs_gates": ("jei", {"ims": CONVERGED, "train_ims": False, "gate_target": "correct",
+                                        "gate_solver": "lbfgs"}),
 }
 
 
