@@ -48,6 +48,15 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def timed_call(fn: Callable[[Any], Any], x: Any, sync: Callable[[], None], clock: Callable[[], float]) -> float:
+    """Seconds of one call ``fn(x)``, queued device work included."""
+    sync()
+    start = clock()
+    fn(x)
+    sync()
+    return clock() - start
+
+
 @torch.no_grad()
 def timed_pass(
     network: EarlyExitNetwork, inputs: Any, sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter
@@ -216,12 +225,7 @@ def measure_batches(
     backbone = network.backbone
     num_exits = network.num_gates + 1
 
-    def once(fn: Callable[[Any], Any], x: Any) -> float:
-        sync()
-        start = clock()
-        fn(x)
-        sync()
-        return clock() - start
+    once = partial(timed_call, sync=sync, clock=clock)
 
     exits = torch.cat([network.early_exit(x).exit_index.cpu() for x in batches])  # also warms up
     for x in batches:
@@ -284,12 +288,7 @@ def measure_latency(
     backbone = network.backbone
     num_exits = network.num_gates + 1
 
-    def once(fn: Callable[[Any], Any], x: Any) -> float:
-        sync()
-        start = clock()
-        fn(x)
-        sync()
-        return clock() - start
+    once = partial(timed_call, sync=sync, clock=clock)
 
     for x in images[:warmup]:
         backbone(x), network.early_exit(x), timed_pass(network, x, sync, clock)

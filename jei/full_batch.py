@@ -26,11 +26,14 @@ def lbfgs_phase(
     max_iter: int = 500,
     tolerance: float = 1e-6,
     on_start: Callable[[ExitOutputs, torch.Tensor], None] | None = None,
+    inspect: Callable[[TrainBatch], None] | None = None,
 ) -> Phase:
     """A phase that minimises ``step.loss`` on the whole training split plus
     ``weight_decay / 2`` times the squared norm of the step's weight matrices (biases are not
     penalised; the penalty keeps a separable problem bounded), by L-BFGS from the parameters'
-    current values. Every other parameter of ``network`` is held fixed during the fit."""
+    current values. Every other parameter of ``network`` is held fixed during the fit.
+    ``inspect`` sees the whole training batch once, before the fit (e.g. to warn about its
+    targets)."""
 
     def fit(train: FeatureSource, val: FeatureSource, device: torch.device) -> None:
         pooled, final, labels = train.batch(torch.arange(len(train)), device)
@@ -40,6 +43,9 @@ def lbfgs_phase(
         for parameter in held:  # no gradient is computed for what this phase does not train
             parameter.requires_grad_(False)
         try:
+            if inspect is not None:
+                with torch.no_grad():
+                    inspect(TrainBatch(pooled, final, labels, network.from_pooled(pooled, final)))
             optimizer = torch.optim.LBFGS(
                 step.parameters, lr=1.0, max_iter=max_iter, max_eval=max_iter * 5 // 4, tolerance_grad=tolerance,
                 tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe",

@@ -138,6 +138,20 @@ class JEIObjective:
             per_sample = per_sample / weights.sum(dim=-1).clamp(min=1e-6)
         return per_sample.mean()
 
+    def warn_one_class_correctness(self, exit_logits: Tensor, labels: Tensor) -> None:
+        """Warn when a gate's correctness targets on the training split are all one class: its
+        IM is always (or never) right on the images it learns from, typically because the IM
+        was fitted on those very images; the gate then learns a constant."""
+        correct = exit_logits[:-1].argmax(dim=-1) == labels  # [G, N]
+        one_class = (correct.all(dim=1) | ~correct.any(dim=1)).nonzero().flatten().tolist()
+        if one_class:
+            log.warning(
+                "gate(s) %s: exit is %s on every training sample, so gate_target=correct has one class and the "
+                "gate learns a constant; fit the gates on images the IMs did not learn from (jei-compare "
+                "protocol=crossfit crossfit_ims=train)", one_class,
+                "/".join(sorted({"right" if bool(correct[i].all()) else "wrong" for i in one_class})),
+            )
+
     def update_from_validation(self, exit_logits: Tensor, labels: Tensor, costs: Tensor) -> None:
         """Re-estimate the gates' positive-class weights from the validation split (the oracle
         targets only: correctness targets are unweighted)."""
@@ -186,7 +200,12 @@ class JEIObjective:
         )
         steps = [Step("gates", list(network.gates.parameters()), gates)]
         if self.gate_solver == "lbfgs":
-            return [*start, lbfgs_phase("gates", network, steps[0], self.gate_weight_decay, on_start=reweigh)]
+            def inspect(batch: TrainBatch) -> None:
+                if self.gate_target == "correct":
+                    self.warn_one_class_correctness(batch.outputs.logits, batch.labels)
+
+            return [*start, lbfgs_phase("gates", network, steps[0], self.gate_weight_decay, on_start=reweigh,
+                                        inspect=inspect)]
         if self.train_ims:
             steps.append(Step("ims", ims_params, ims))
         return [

@@ -111,6 +111,16 @@ def test_correct_gate_target_is_plain_bce_on_whether_each_exit_is_right():
     assert gate_logits.grad.abs().sum() > 0  # a gradient whatever the class balance
 
 
+def test_one_class_correctness_targets_are_reported(caplog):
+    logits = torch.zeros(3, 4, 2)
+    labels = torch.tensor([0, 1, 0, 1])
+    logits[0, :, 0] = 5.0  # exit 0 predicts class 0: right on half the samples
+    logits[1, torch.arange(4), labels] = 5.0  # exit 1 is always right
+    with caplog.at_level("WARNING"):
+        JEIObjective(gate_target="correct").warn_one_class_correctness(logits, labels)
+    assert "gate(s) [1]: exit is right on every training sample" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"cost_weight": -0.1}, "cost_weight"), ({"cost_weight": float("nan")}, "cost_weight"),
