@@ -348,7 +348,8 @@ class Comparison:
 
     def _train_fold(self, method: Method, objective_kwargs: dict[str, Any], number: int) -> Trained:
         name = method.objective["name"]
-        identity = [self.fingerprint, name, objective_kwargs, self.settings.seed, *method.identity()]
+        identity = [self.fingerprint, name, OBJECTIVES.settings(name, **objective_kwargs), self.settings.seed,
+                    *method.identity()]
         if len(self.folds) > 1:
             identity.append(f"fold {number} of {len(self.folds)}")
         path = self.output_dir / "trained" / f"{name}-{_digest(identity)}.safetensors"
@@ -383,14 +384,15 @@ class Comparison:
         return result
 
     def point(self, method: Method, knob: Any) -> dict[str, Any]:
-        # Keyed by everything the point depends on: a method renamed or re-configured never
-        # reuses another configuration's points.
-        identity = [self.fingerprint, method.objective, method.policy, knob, len(self.folds), self.alpha,
-                    *method.identity()]
+        # Keyed by everything the point depends on, defaults filled in: a method renamed or
+        # re-configured, or a default changed by an upgrade, never reuses another's points.
+        objective_kwargs, policy_kwargs = method.settings(knob)
+        identity = [self.fingerprint, method.objective["name"], OBJECTIVES.settings(method.objective["name"], **objective_kwargs),
+                    method.policy["name"], POLICIES.settings(method.policy["name"], **policy_kwargs), len(self.folds),
+                    self.alpha, *method.identity()]
         path = self.output_dir / "points" / method.name / f"{_digest(identity)}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        objective_kwargs, _ = method.settings(knob)
         folds = self.trained(method, objective_kwargs)
         metrics = point_metrics(self.policies(method, knob, folds), folds, self.costs, self.settings.conformal,
                                 self.alpha, self.settings.seed)

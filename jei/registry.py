@@ -106,6 +106,17 @@ class Registry(Generic[T]):
             message += " Did you mean " + " or ".join(repr(c) for c in close) + "?"
         return message
 
+    def settings(self, name: str, /, **kwargs: Any) -> dict[str, Any]:
+        """The keyword settings ``build(name, **kwargs)`` runs with: ``kwargs`` plus the defaults
+        the factory fills in, so that a stored result keyed by them changes when a default does."""
+        try:
+            parameters = inspect.signature(self.get(name)).parameters.values()
+        except (TypeError, ValueError):
+            return dict(kwargs)
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        defaults = {p.name: p.default for p in parameters if p.kind in keyword and p.default is not p.empty}
+        return {**defaults, **kwargs}
+
     def build(self, name: str, /, **kwargs: Any) -> T:
         """Look ``name`` up and call it with ``kwargs``, naming any argument it does not take."""
         factory = self.get(name)

@@ -38,8 +38,12 @@ class JEIObjective:
         renormalize: with ``"paper"``, divide each sample's weighted loss by its detached
             intermediate mass sum_{l<G} pi_l (no gradient flows through the factor).
         pos_weight_cap: upper bound of the gates' positive-class weights.
-        pos_weight_rule: ``"balanced"`` (negatives / positives of each gate's targets) or
-            ``"exit_share"`` (the authors' code); see ``jei.exits.positive_class_weights``.
+        pos_weight_rule: ``"balanced_nonzero"`` (negatives / positives of each gate's targets,
+            and 1 for a gate whose targets have no negatives), ``"balanced"`` (0 there: that gate
+            gets no gradient, and a large cost_weight silently switches gate training off) or
+            ``"exit_share"`` (the authors' code); see ``jei.exits.positive_class_weights``. The
+            paper re-estimates a positive-class weight per gate on validation data without saying
+            what an empty class gets; the default only differs from "balanced" there.
         ims: instead of the paper's warm-up, fit the IMs to convergence with their own optimiser
             and calibrate them (``jei.im_phases.ConvergedIMs`` fields); None: the paper's warm-up.
         train_ims: False trains only the gates after the IM stage (the alternation has no IM
@@ -66,7 +70,7 @@ class JEIObjective:
         im_weighting: ImWeighting = "paper",
         renormalize: bool = False,
         pos_weight_cap: float = 1.0,
-        pos_weight_rule: str = "balanced",
+        pos_weight_rule: str = "balanced_nonzero",
         ims: dict[str, Any] | None = None,
         train_ims: bool = True,
         gate_target: str = "oracle",
@@ -165,12 +169,14 @@ class JEIObjective:
         new = sorted(set(one_class) - self._degenerate_warned)
         if new:
             self._degenerate_warned.update(new)
-            log.warning(
-                "gate(s) %s: every validation sample's target is the same class at cost_weight %g, so "
-                "the %s class weight %s; pos_weight_rule=balanced_nonzero keeps a gradient",
-                new, self.cost_weight, self.pos_weight_rule,
-                "is 0 and these gates get no gradient" if self.pos_weight_rule == "balanced" else "is degenerate",
-            )
+            consequence = {
+                "balanced": "the balanced class weight is 0 and these gates get no gradient; "
+                            "pos_weight_rule=balanced_nonzero (the default) keeps one",
+                "balanced_nonzero": "these gates learn that one class (class weight 1)",
+                "exit_share": "the exit_share class weight is degenerate",
+            }[self.pos_weight_rule]
+            log.warning("gate(s) %s: every validation sample's target is the same class at cost_weight %g, so %s",
+                        new, self.cost_weight, consequence)
 
     def phases(self, network: nn.Module, schedule: Any, costs: Tensor) -> list[Phase]:
         """Warm-up (``schedule.warmup_epochs``, early stopping per IM on validation accuracy with

@@ -113,3 +113,11 @@ def test_plugin_autoload_can_be_disabled(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "JEI_DISABLE_PLUGIN_AUTOLOAD": "1"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_settings_fill_in_the_factory_defaults():
+    from jei.registry import OBJECTIVES
+
+    settings = OBJECTIVES.settings("jei", cost_weight=2.0)
+    assert settings["cost_weight"] == 2.0 and settings["pos_weight_rule"] == "balanced_nonzero"
+    assert settings["gate_target"] == "oracle" and "self" not in settings

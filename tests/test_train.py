@@ -81,7 +81,7 @@ def test_jei_schedule_reproduces_the_pre_seam_trainer():
     val = compute_split(network, data, "val", 64, torch.device("cpu"))
     schedule = ExitTraining(batch_size=16, warmup_epochs=6, warmup_patience=2, epochs=3, phase_batches=3,
                             optimizer=OptimizerSettings("sgd", 0.05, 1e-3, 0.9, 5e-4))
-    objective = JEIObjective(0.3)
+    objective = JEIObjective(0.3, pos_weight_rule="balanced")  # that trainer's rule (the default is balanced_nonzero since)
     fit_exits(network, objective, train, val, torch.tensor([0.3, 0.6, 0.8, 1.0]), schedule, torch.device("cpu"), 7)
     out = exit_outputs(network, val, torch.device("cpu"))
     assert out.logits.double().sum().item() == pytest.approx(-71.8673924356699, abs=1e-4)
