@@ -402,8 +402,10 @@ class Comparison:
         return point
 
     def budgeted(self, method: Method, budget: float, iterations: int) -> dict[str, Any]:
-        """The knob whose validation cost is the largest at or under ``budget``: bisection
-        between the sweep's extreme values (a grid scan for integer knobs)."""
+        """The knob whose validation cost is the largest at or under ``budget``: the cost at every
+        sweep value, then bisection between the two neighbouring values whose costs bracket the
+        budget (on a log scale when they are positive and far apart; integer knobs: every integer
+        between the sweep's extremes)."""
         values = method.sweep["values"]
 
         def val_cost(knob: Any) -> float:
@@ -414,17 +416,21 @@ class Comparison:
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             candidates = [(val_cost(v), v) for v in range(min(values), max(values) + 1)]
         else:
-            low, high = float(min(values)), float(max(values))
-            log_scale = low > 0 and high / low > 20
-            cost_low, cost_high = val_cost(low), val_cost(high)
-            candidates = [(cost_low, low), (cost_high, high)]
-            # Keep ``cheap`` on the side whose cost is under the budget.
-            cheap, dear = (low, high) if cost_low <= cost_high else (high, low)
-            for _ in range(iterations):
-                middle = math.sqrt(cheap * dear) if log_scale else (cheap + dear) / 2
-                cost = val_cost(middle)
-                candidates.append((cost, middle))
-                cheap, dear = (middle, dear) if cost <= budget else (cheap, middle)
+            grid = sorted({float(v) for v in values})
+            costs = [val_cost(v) for v in grid]
+            candidates = list(zip(costs, grid))
+            brackets = [(a, b) for (a, ca), (b, cb) in zip(zip(grid, costs), zip(grid[1:], costs[1:]))
+                        if min(ca, cb) <= budget < max(ca, cb)]
+            if brackets:
+                low, high = brackets[0]
+                log_scale = low > 0 and high / low > 20
+                # Keep ``cheap`` on the side whose cost is under the budget.
+                cheap, dear = (low, high) if costs[grid.index(low)] <= budget else (high, low)
+                for _ in range(iterations):
+                    middle = math.sqrt(cheap * dear) if log_scale else (cheap + dear) / 2
+                    cost = val_cost(middle)
+                    candidates.append((cost, middle))
+                    cheap, dear = (middle, dear) if cost <= budget else (cheap, middle)
         feasible = [c for c in candidates if c[0] <= budget + 1e-12]
         cost, knob = max(feasible) if feasible else min(candidates)
         point = self.point(method, knob)

@@ -70,6 +70,14 @@ def test_budget_mode_keeps_validation_cost_under_the_budget(tmp_path):
     assert "Budget mode" in (tmp_path / "compare.md").read_text()
 
 
+def test_budget_mode_bisects_between_the_sweep_values_that_bracket_the_budget(tmp_path):
+    sweep = "methods.max_prob.sweep.values=[0.1,0.5,0.9,0.99,0.999,1.0]"
+    result = run_compare(tmp_path, "include=[max_prob]", sweep, "budget=0.5", "budget_iterations=8")
+    row = result["budget"]["methods"][0]
+    assert row["feasible"] and 0.48 <= row["val_cost"] <= 0.5, row  # within 0.02 under the budget
+    assert row["knob"] not in (0.1, 0.5, 0.9, 0.99, 0.999, 1.0)  # found between two sweep values
+
+
 def test_unknown_methods_and_bad_sweeps_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="include: unknown method"):
         run_compare(tmp_path, "include=[jei,nope]")
