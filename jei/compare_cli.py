@@ -45,18 +45,18 @@ def compare(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         budget = cfg.budget
         if budget is not None and not 0 < float(budget) <= 1:
             raise ValueError(f"budget must be a target expected cost in (0, 1], got {budget}")
+        protocol = str(cfg.protocol)
+        if protocol not in ("standard", "crossfit"):
+            raise ConfigError(f"protocol must be 'standard' or 'crossfit', got {protocol!r}", "protocol")
+        crossfit_ims = str(cfg.crossfit_ims)
+        if crossfit_ims not in ("folds", "train"):
+            raise ConfigError(f"crossfit_ims must be 'folds' or 'train', got {crossfit_ims!r}", "crossfit_ims")
+        ims_on_train = protocol == "crossfit" and crossfit_ims == "train"
         seed_everything(settings.seed)
         data = build_data(cfg.data)
         check_data(data, data.num_classes)
         backbone = build_backbone(cfg.backbone, data)
     template = network_factory(cfg.im, cfg.gate, data.num_classes)
-    protocol = str(cfg.protocol)
-    if protocol not in ("standard", "crossfit"):
-        raise ConfigError(f"protocol must be 'standard' or 'crossfit', got {protocol!r}", "protocol")
-    crossfit_ims = str(cfg.crossfit_ims)
-    if crossfit_ims not in ("folds", "train"):
-        raise ConfigError(f"crossfit_ims must be 'folds' or 'train', got {crossfit_ims!r}", "crossfit_ims")
-    ims_on_train = protocol == "crossfit" and crossfit_ims == "train"
     network, costs, splits, train, _ = prepare(
         data, backbone, template, settings, output_dir, only_test=protocol == "crossfit" and not ims_on_train
     )
