@@ -419,13 +419,13 @@ class Comparison:
             grid = sorted({float(v) for v in values})
             costs = [val_cost(v) for v in grid]
             candidates = list(zip(costs, grid))
-            brackets = [(a, b) for (a, ca), (b, cb) in zip(zip(grid, costs), zip(grid[1:], costs[1:]))
+            brackets = [(a, ca, b) for (ca, a), (cb, b) in zip(candidates, candidates[1:])
                         if min(ca, cb) <= budget < max(ca, cb)]
             if brackets:
-                low, high = brackets[0]
+                low, cost_low, high = brackets[0]
                 log_scale = low > 0 and high / low > 20
                 # Keep ``cheap`` on the side whose cost is under the budget.
-                cheap, dear = (low, high) if costs[grid.index(low)] <= budget else (high, low)
+                cheap, dear = (low, high) if cost_low <= budget else (high, low)
                 for _ in range(iterations):
                     middle = math.sqrt(cheap * dear) if log_scale else (cheap + dear) / 2
                     cost = val_cost(middle)

@@ -18,6 +18,15 @@ from jei.types import ExitOutputs, FeatureSource, Phase, Step, TrainBatch
 log = logging.getLogger(__name__)
 
 
+def lbfgs(parameters: list[torch.Tensor], max_iter: int, tolerance: float) -> torch.optim.LBFGS:
+    """The project's full-batch L-BFGS: strong Wolfe line search, at most ``max_iter`` iterations,
+    stopping when the largest gradient entry is below ``tolerance``."""
+    return torch.optim.LBFGS(
+        parameters, lr=1.0, max_iter=max_iter, max_eval=max_iter * 5 // 4, tolerance_grad=tolerance,
+        tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe",
+    )
+
+
 def lbfgs_phase(
     name: str,
     network: nn.Module,
@@ -46,10 +55,7 @@ def lbfgs_phase(
             if inspect is not None:
                 with torch.no_grad():
                     inspect(TrainBatch(pooled, final, labels, network.from_pooled(pooled, final)))
-            optimizer = torch.optim.LBFGS(
-                step.parameters, lr=1.0, max_iter=max_iter, max_eval=max_iter * 5 // 4, tolerance_grad=tolerance,
-                tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe",
-            )
+            optimizer = lbfgs(step.parameters, max_iter, tolerance)
 
             last = [float("nan")]  # the loss at the last evaluation, for the log
 

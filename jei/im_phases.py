@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jei.full_batch import lbfgs
 from jei.temperature import calibrate_network
 from jei.train import OptimizerSettings, PerExitBest, per_exit_val_loss
 from jei.types import ExitOutputs, FeatureSource, Phase, Step, TrainBatch
@@ -119,10 +120,7 @@ def _fit_linear_im(
     result = LinearFit(weight_decay=float("nan"))
     best_loss, best = float("inf"), None
     for decay in sorted({float(d) for d in weight_decays}, reverse=True):
-        optimizer = torch.optim.LBFGS(
-            [v, c], lr=1.0, max_iter=max_iter, max_eval=max_iter * 5 // 4, tolerance_grad=tolerance,
-            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe",
-        )
+        optimizer = lbfgs([v, c], max_iter, tolerance)
 
         def closure(optimizer: torch.optim.LBFGS = optimizer, decay: float = decay) -> Tensor:
             optimizer.zero_grad()
@@ -155,11 +153,19 @@ def _im_layers(network: nn.Module) -> list[nn.Module]:
     return [getattr(im, "classifier", im) for im in network.ims]
 
 
-def lbfgs_applies(network: nn.Module) -> bool:
-    """Whether ``fit_linear_ims`` can fit this network's IMs: linear with a bias, independent."""
-    return getattr(network, "ensemble_decay", 0.0) == 0.0 and all(
-        isinstance(layer, nn.Linear) and layer.bias is not None for layer in _im_layers(network)
-    )
+def lbfgs_obstacle(network: nn.Module, weights: Tensor | None = None) -> str | None:
+    """Why ``fit_linear_ims`` cannot fit this network's IMs with per-IM loss ``weights`` (it needs
+    independent linear IMs with a bias and positive weights), or None when it can."""
+    if getattr(network, "ensemble_decay", 0.0) != 0.0:
+        return ("objective.ims.solver=lbfgs fits each IM on its own, which needs IMs that do not depend on "
+                f"each other (ensemble_decay 0, got {network.ensemble_decay}); use solver=adamw")
+    for index, layer in enumerate(_im_layers(network)):
+        if not isinstance(layer, nn.Linear) or layer.bias is None:
+            return (f"objective.ims.solver=lbfgs fits linear IMs (im=pool_linear); IM {index} is a "
+                    f"{type(layer).__name__}: use solver=adamw")
+    if weights is not None and not bool((weights > 0).all()):
+        return f"objective.ims.solver=lbfgs needs positive per-IM loss weights, got {weights.tolist()}"
+    return None
 
 
 def fit_linear_ims(
@@ -180,18 +186,10 @@ def fit_linear_ims(
     alike) without moving its minimiser, and the decay is chosen per IM on validation anyway.
     The pooled features of both splits are gathered once, in float32, on ``device``.
     """
-    if getattr(network, "ensemble_decay", 0.0) != 0.0:
-        raise ValueError(
-            "objective.ims.solver=lbfgs fits each IM on its own, which needs IMs that do not depend on "
-            f"each other (ensemble_decay 0, got {network.ensemble_decay}); use solver=adamw"
-        )
+    obstacle = lbfgs_obstacle(network)
+    if obstacle is not None:
+        raise ValueError(obstacle)
     layers = _im_layers(network)
-    for index, layer in enumerate(layers):
-        if not isinstance(layer, nn.Linear) or layer.bias is None:
-            raise ValueError(
-                f"objective.ims.solver=lbfgs fits linear IMs (im=pool_linear); IM {index} is a "
-                f"{type(layer).__name__}: use solver=adamw"
-            )
     train_pooled, train_labels = _all_rows(train, device)
     val_pooled, val_labels = _all_rows(val, device)
     temperatures = network.temperature.tolist()
@@ -251,13 +249,13 @@ class ConvergedIMs:
     def phases(self, network: nn.Module, weights: Tensor | None = None) -> list[Phase]:
         """``weights``: per-IM loss weights ``[G]`` (uniform when None). With ``solver=lbfgs``
         each IM is fitted on its own, where a positive weight does not change the minimiser."""
+        obstacle = lbfgs_obstacle(network, weights)
         solver = self.solver
         if solver == "auto":
-            positive = weights is None or bool((weights > 0).all())
-            solver = "lbfgs" if lbfgs_applies(network) and positive else "adamw"
+            solver = "adamw" if obstacle is not None else "lbfgs"
         if solver == "lbfgs":
-            if weights is not None and not bool((weights > 0).all()):
-                raise ValueError(f"objective.ims.solver=lbfgs needs positive per-IM loss weights, got {weights.tolist()}")
+            if obstacle is not None:
+                raise ValueError(obstacle)
 
             def fit(train: FeatureSource, val: FeatureSource, device: torch.device) -> None:
                 fit_linear_ims(network, train, val, device, self.weight_decays, self.max_iter, self.tolerance)
