@@ -53,10 +53,21 @@ def exit_step(gate_prob: Tensor, used: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     P(G = l | x) >= P(G > l | x), i.e. pi_l >= 0.5 * (1 - sum_{k<l} pi_k). The mass already
     spent, sum_{k<l} pi_k, equals min(1, sum_{k<l} g_k), so one running sum is enough.
     """
-    remaining = torch.clamp(1.0 - used, min=0.0)
     pi = torch.clamp(torch.minimum(gate_prob, 1.0 - used), min=0.0)
-    exits_now = (remaining > 0) & (pi >= 0.5 * remaining)
-    return pi, exits_now, used + gate_prob
+    exits_now, used_next = leaves_now(gate_prob, used)
+    return pi, exits_now, used_next
+
+
+def leaves_now(gate_prob: Tensor, used: Tensor) -> tuple[Tensor, Tensor]:
+    """``exit_step`` without pi_l, in the fewest tensor operations (real early exit runs it at
+    every exit): whether each sample leaves under the inference rule, and the running gate sum.
+
+    With r = 1 - sum_{k<l} g_k > 0, pi_l = max(0, min(g_l, r)) >= r / 2 holds exactly when
+    g_l >= r / 2 (for g_l > r both hold, r / 2 being an exact halving), so pi_l need not be formed;
+    r <= 0 never fires. The same floating-point comparisons as ``first_exit``.
+    """
+    remaining = 1.0 - used
+    return (remaining > 0) & (gate_prob >= 0.5 * remaining), used + gate_prob
 
 
 def first_exit(gate_probs: Tensor) -> Tensor:

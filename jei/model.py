@@ -182,14 +182,17 @@ def stream_exits(
     history: Tensor | None = None  # history gates' per-sample history of the exits so far
     left: list[tuple[Tensor | None, int, Tensor]] = []  # (positions or None: all, exit, logits)
     dtype = None  # the first exit's logits' dtype: the output's, as in the all-exits pass
+    no_gates: Tensor | None = None  # the gate logits a gate-free policy is given
     for index in range(num_gates):
         state = segment(index, state)
         raw = combine(head(index, state), previous, ensemble_decay)
         logits = raw if unit[index] else raw / temperature[index].to(raw.dtype)
         if decision is None:
             decision, dtype = policy.begin(total, logits.device), logits.dtype
-        if not read_gates:
-            gate_logit = logits.new_zeros(running)
+        if not read_gates:  # zeros for the running samples, made again only when they change
+            if no_gates is None or len(no_gates) != running:
+                no_gates = logits.new_zeros(running)
+            gate_logit = no_gates
         elif gate_history:
             gate_logit, history = gate(index, logits, history)
         else:

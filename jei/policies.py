@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from jei.exits import exit_step, first_exit
+from jei.exits import first_exit, leaves_now
 from jei.types import ExitOutputs
 
 State = dict[str, Tensor]
@@ -68,7 +68,7 @@ class JEIRule(Policy):
     """JEI-DNN's rule (paper §3.3): leave at the first l with P(G = l | x) >= P(G > l | x).
 
     ``decide`` uses the vectorised ``jei.exits.first_exit``; ``step`` the streaming
-    ``exit_step``; the two are property-tested to agree.
+    ``leaves_now``; the two are property-tested to agree.
     """
 
     uses_gates = True
@@ -78,7 +78,7 @@ class JEIRule(Policy):
 
     def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: State) -> tuple[Tensor, State]:
         gate_prob = torch.sigmoid(gate_logit)
-        _, leaving, used = exit_step(gate_prob, state["used"].to(gate_prob.dtype))
+        leaving, used = leaves_now(gate_prob, state["used"].to(gate_prob.dtype))
         return leaving, {"used": used}
 
     def decide(self, outputs: ExitOutputs) -> Tensor:
@@ -113,9 +113,9 @@ SCORES = ("max_prob", "entropy", "gate")
 def confidence(logits: Tensor, score: str) -> Tensor:
     """``[..., K]`` logits -> a confidence score where higher means surer: the max softmax
     probability, or minus the entropy (so one "leave when score >= threshold" rule serves both)."""
+    if score == "max_prob":  # two operations: real early exit computes it at every exit
+        return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    if score == "max_prob":
-        return log_probs.max(dim=-1).values.exp()
     return (log_probs.exp() * log_probs).sum(dim=-1)  # -H(p)
 
 
@@ -139,6 +139,18 @@ class ConfidenceThreshold(Policy):
         if score == "gate" and (torch.isfinite(values) & ((values < 0) | (values > 1))).any():  # inf: nobody leaves
             raise ValueError(f"policy.threshold must be a probability in [0, 1] with score=gate, got {threshold}")
         self.thresholds = self._internal(values)
+
+    @property
+    def thresholds(self) -> Tensor:
+        """The internal per-exit (or one shared) thresholds, ``[G]`` or ``[1]``."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, values: Tensor) -> None:
+        self._thresholds = values
+        # One 0-dim tensor per entry, split once: ``step`` compares against it as it is (a CPU
+        # scalar tensor works with any device's scores) instead of indexing and copying per exit.
+        self._each = values.cpu().unbind()
 
     def _internal(self, thresholds: Tensor) -> Tensor:
         """Thresholds on the "higher is surer" score: the entropy's are negated; the gate's are
@@ -170,8 +182,7 @@ class ConfidenceThreshold(Policy):
         return torch.stack([self._score(outputs.logits[l], outputs.gate_logits[:, l]) for l in range(outputs.num_gates)])
 
     def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: State) -> tuple[Tensor, State]:
-        threshold = self.thresholds[0 if self.thresholds.numel() == 1 else index]
-        return self._score(logits, gate_logit) >= threshold.to(logits.device), state
+        return self._score(logits, gate_logit) >= self._each[0 if len(self._each) == 1 else index], state
 
     def decide(self, outputs: ExitOutputs) -> Tensor:
         scores = self.scores(outputs).T
