@@ -69,6 +69,7 @@ def timed_pass(
     total = backbone.batch_size(inputs)
     segments, heads = [], []
     decision = None
+    skippable = hasattr(policy, "may_leave") and network.ensemble_decay == 0.0 and not network.reads_history
     sync()
     start = clock()
     state = backbone.begin(inputs)
@@ -80,6 +81,9 @@ def timed_pass(
         start = now
         if index == network.num_gates:
             break
+        if skippable and not policy.may_leave(index):  # real early exit skips this exit whole
+            heads.append(0.0)
+            continue
         logits = network._scaled(network.ims[index](backbone.represent(index, state)), index)
         if decision is None:
             decision = policy.begin(total, logits.device)

@@ -170,10 +170,14 @@ def stream_exits(
       later segment runs;
     - compaction is one ``index_select`` each of the backbone state, the policy state,
       (with an ensemble) the previous prediction and (with history gates) the gates' history;
-    - gates are not evaluated for a policy that does not read them (``uses_gates`` False);
+    - gates are not evaluated for a policy that does not read them (``uses_gates`` False), and
+      an exit the policy says nobody can leave (``may_leave`` False, e.g. a +inf threshold) is
+      skipped whole when no later exit reads it (no ensemble, no history gates);
     - a division by a temperature of exactly 1 is skipped (it would change nothing).
     """
     read_gates = getattr(policy, "uses_gates", True)
+    # An exit nobody can leave is skipped whole, unless a later exit reads its output.
+    may_leave = getattr(policy, "may_leave", None) if ensemble_decay == 0.0 and not gate_history else None
     unit = (temperature == 1).tolist()
     running = total
     active: Tensor | None = None  # original positions of the running samples; None: all, in order
@@ -185,6 +189,8 @@ def stream_exits(
     no_gates: Tensor | None = None  # the gate logits a gate-free policy is given
     for index in range(num_gates):
         state = segment(index, state)
+        if may_leave is not None and not may_leave(index):
+            continue
         raw = combine(head(index, state), previous, ensemble_decay)
         logits = raw if unit[index] else raw / temperature[index].to(raw.dtype)
         if decision is None:
@@ -216,7 +222,9 @@ def stream_exits(
         previous = raw.index_select(0, stay) if ensemble_decay != 0.0 else None
         history = history.index_select(0, stay) if history is not None else None
         state = select(state, stay)
-    final = combine(segment(num_gates, state).to(dtype), previous, ensemble_decay)
+    final = segment(num_gates, state)
+    dtype = final.dtype if dtype is None else dtype  # every exit skipped
+    final = combine(final.to(dtype), previous, ensemble_decay)
     scaled = final if unit[num_gates] else final / temperature[num_gates].to(final.dtype)
     left.append((active, num_gates, scaled))
     return _assemble(left, total, dtype)

@@ -41,6 +41,9 @@ class Policy:
     def begin(self, batch_size: int, device: torch.device) -> State:
         return {}
 
+    def may_leave(self, index: int) -> bool:
+        return True
+
     def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: State) -> tuple[Tensor, State]:
         raise NotImplementedError
 
@@ -151,6 +154,12 @@ class ConfidenceThreshold(Policy):
         # One 0-dim tensor per entry, split once: ``step`` compares against it as it is (a CPU
         # scalar tensor works with any device's scores) instead of indexing and copying per exit.
         self._each = values.cpu().unbind()
+        # A threshold of +inf on a bounded score (max-prob <= 1, -entropy <= 0) fires for nobody;
+        # a gate logit is unbounded, so its exits are always asked.
+        self._closed = [self.score != "gate" and value == float("inf") for value in values.tolist()]
+
+    def may_leave(self, index: int) -> bool:
+        return not self._closed[0 if len(self._closed) == 1 else index]
 
     def _internal(self, thresholds: Tensor) -> Tensor:
         """Thresholds on the "higher is surer" score: the entropy's are negated; the gate's are

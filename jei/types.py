@@ -100,6 +100,12 @@ class ExitPolicy(Protocol):
 
     uses_gates: bool  # whether decisions read the gates (False: the gates may stay untrained)
 
+    def may_leave(self, index: int) -> bool:
+        """Whether any sample can leave at intermediate exit ``index``. False promises that
+        ``step`` there would leave nobody and change no state, so real early exit may skip the
+        exit's IM, gate and step (optional: a policy without it is asked at every exit)."""
+        ...
+
     def decide(self, outputs: ExitOutputs) -> Tensor:
         """``[B]`` exit index in 0..G for every sample of an all-exits pass."""
         ...

@@ -17,6 +17,7 @@ from jei.policies import (
     Patience,
     PenalizedThreshold,
     budget_fractions,
+    confidence,
     select_state,
 )
 from jei.registry import POLICIES
@@ -85,6 +86,50 @@ def test_real_early_exit_equals_all_exits_pass_for_every_policy(decay):
         actual = network.early_exit(inputs)
         assert torch.equal(actual.exit_index, expected.exit_index), type(policy).__name__
         torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**16), st.floats(0.1, 30.0))
+def test_an_exit_a_policy_closes_leaves_nobody_and_keeps_the_state(seed, scale):
+    """``may_leave(i)`` False is a promise real early exit acts on (it skips the exit)."""
+    outputs = random_outputs(seed, scale=scale)
+    closed_somewhere = ConfidenceThreshold("max_prob", [float("inf"), 0.5, float("inf")])
+    for policy in [*fitted_policies(outputs), closed_somewhere, ConfidenceThreshold("entropy", [0.5, float("-inf"), 1.0])]:
+        state = policy.begin(outputs.logits.shape[1], torch.device("cpu"))
+        for index in range(outputs.num_gates):
+            leaving, after = policy.step(index, outputs.logits[index], outputs.gate_logits[:, index], state)
+            if not policy.may_leave(index):
+                assert not leaving.any() and after.keys() == state.keys(), type(policy).__name__
+                assert all(torch.equal(after[key], state[key]) for key in state)
+            state = after
+    assert [closed_somewhere.may_leave(i) for i in range(3)] == [False, True, False]
+
+
+def test_real_early_exit_skips_closed_exits_unless_a_later_exit_reads_them():
+    network = tiny_network(4)
+    inputs = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    calls = [0] * network.num_gates
+    for index, im in enumerate(network.ims):
+        im.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    inf = float("inf")
+    for decay, open_exit, expected_calls in [
+        (0.0, True, [0, 1, 0]),  # only exit 1 can fire: only its IM runs
+        (0.5, True, [1, 1, 1]),  # an ensemble reads every exit
+        (0.0, False, [0, 0, 0]),  # everyone to the backbone's head, no IM runs
+    ]:
+        network.ensemble_decay = decay
+        with torch.no_grad():
+            outputs = network(inputs)
+        median = float(confidence(outputs.logits[1], "max_prob").median())  # half the samples leave at exit 1
+        network.policy = ConfidenceThreshold("max_prob", [inf, median if open_exit else inf, inf])
+        calls[:] = [0] * network.num_gates
+        actual = network.early_exit(inputs)
+        assert calls == expected_calls, (decay, open_exit)
+        expected = predict_from_outputs(outputs, network.policy)
+        assert torch.equal(actual.exit_index, expected.exit_index)
+        assert (actual.exit_index == 1).any() == open_exit and (actual.exit_index == 3).any()
+        torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
+        assert actual.logits.dtype == expected.logits.dtype
 
 
 def test_every_registered_policy_builds_with_defaults_and_round_trips_its_state():
