@@ -120,8 +120,12 @@ class TimmBackbone(SequentialBackbone):
     def represent(self, index: int, state: Tensor) -> Tensor:
         if not self._is_vit:
             return state
-        tokens = self.model.norm(state)  # the final norm, as in the paper's ViT IMs
-        pooled = tokens[:, 0] if self.token == "cls" else tokens[:, self.model.num_prefix_tokens :].mean(1)
+        # The final norm, as in the paper's ViT IMs. It normalises each token on its own, so the
+        # class token alone is normalised (1 token of N: real early exit runs it at every exit).
+        if self.token == "cls":
+            pooled = self.model.norm(state[:, 0])
+        else:
+            pooled = self.model.norm(state)[:, self.model.num_prefix_tokens :].mean(1)
         return self.model.fc_norm(pooled)  # identity unless the model pools before its norm
 
 

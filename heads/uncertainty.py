@@ -18,8 +18,8 @@ def uncertainty_features(logits: Tensor) -> Tensor:
     """
     logits = logits.detach().float()
     both = torch.softmax(torch.stack([logits, 2.0 * logits], dim=1), dim=-1)  # [B, 2, K]: p, q
-    # xlogy gives 0 * log 0 = 0, so one-hot rows stay finite.
-    entropy_p, entropy_q = torch.special.xlogy(both, both).sum(dim=-1).neg().unbind(dim=-1)
+    # entr(x) = -x log x with entr(0) = 0, so one-hot rows stay finite.
+    entropy_p, entropy_q = torch.special.entr(both).sum(dim=-1).unbind(dim=-1)
     if logits.shape[-1] == 1:  # one class: no runner-up, the margin is max p
         first = both[:, 0, 0]
         second = torch.zeros_like(first)

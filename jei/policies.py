@@ -159,7 +159,18 @@ class ConfidenceThreshold(Policy):
         self._closed = [self.score != "gate" and value == float("inf") for value in values.tolist()]
 
     def may_leave(self, index: int) -> bool:
-        return not self._closed[0 if len(self._closed) == 1 else index]
+        return not self._closed[self._position(index)]
+
+    def _position(self, index: int) -> int:
+        """Where exit ``index``'s threshold is (0 when one value is shared by every exit)."""
+        if len(self._each) == 1:
+            return 0
+        if index >= len(self._each):
+            raise ValueError(
+                f"policy.threshold has {len(self._each)} values but the network has more than {index} "
+                "intermediate exits: give one value, or one per exit"
+            )
+        return index
 
     def _internal(self, thresholds: Tensor) -> Tensor:
         """Thresholds on the "higher is surer" score: the entropy's are negated; the gate's are
@@ -191,7 +202,7 @@ class ConfidenceThreshold(Policy):
         return torch.stack([self._score(outputs.logits[l], outputs.gate_logits[:, l]) for l in range(outputs.num_gates)])
 
     def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: State) -> tuple[Tensor, State]:
-        return self._score(logits, gate_logit) >= self._each[0 if len(self._each) == 1 else index], state
+        return self._score(logits, gate_logit) >= self._each[self._position(index)], state
 
     def decide(self, outputs: ExitOutputs) -> Tensor:
         scores = self.scores(outputs).T

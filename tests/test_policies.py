@@ -206,3 +206,7 @@ def test_bad_policy_settings_name_the_field(factory, kwargs, field):
 def test_per_exit_thresholds_must_match_the_exits():
     with pytest.raises(ValueError, match="one per exit"):
         ConfidenceThreshold("max_prob", [0.5, 0.5]).decide(random_outputs(0, gates=3))
+    network = tiny_network(0)
+    network.policy = ConfidenceThreshold("max_prob", [2.0, 2.0])  # nobody leaves: exit 2 is asked
+    with pytest.raises(ValueError, match="one per exit"):
+        network.early_exit(torch.randn(4, 1, 8, 8))
