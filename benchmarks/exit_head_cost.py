@@ -18,6 +18,7 @@ share of the median segment's time. ``--compile`` also times the same heads unde
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -54,9 +55,12 @@ def heads(network: EarlyExitNetwork, batch_size: int, compiled: bool) -> dict[st
         return rule.step(index, logits, gates[index](logits), {"used": used})[0]
 
     named = {"IM": im_only, "IM + max-prob": with_max_prob, "IM + JEI gate": with_jei_gate}
-    if compiled:
-        named |= {f"{name} (compiled)": torch.compile(fn, dynamic=False) for name, fn in list(named.items())}
-    return {name: (lambda index, state, fn=fn: int(fn(index, state).sum())) for name, fn in named.items()}
+    timed = {name: (lambda index, state, fn=fn: int(fn(index, state).sum())) for name, fn in named.items()}
+    if compiled:  # one compiled program per exit (its shapes and modules), for this batch size
+        for name, fn in named.items():
+            per_exit = [torch.compile(functools.partial(fn, index), dynamic=False) for index in range(len(ims))]
+            timed[f"{name} (compiled)"] = lambda index, state, per_exit=per_exit: int(per_exit[index](state).sum())
+    return timed
 
 
 @torch.no_grad()
