@@ -10,9 +10,13 @@ the same cores) hits every path alike; every figure is a median over repeats.
   take each exit gives the **latency-weighted ideal**: the time ratio real early exit would
   reach if stopping a sample cost nothing (no compaction, no heads) and a segment's time
   scaled with the samples it runs on. ``ideal + heads`` adds the measured head times.
+- ``timed_running_segments``: the segments alone, each on the samples real early exit runs
+  it on: the **ideal at running batch sizes**, which keeps what kernels lose or gain on smaller
+  batches (the linear ideal assumes neither) and leaves out heads and compaction.
 - ``measure_batches``: per round, over the same batches, the backbone alone
-  (``network.backbone(x)``), real early exit and the timed pass, their order rotating round by
-  round; the time ratio is the median over rounds of each round's early-exit/backbone ratio.
+  (``network.backbone(x)``), real early exit, the timed pass and the running segments, their
+  order rotating round by round; the time ratio is the median over rounds of each round's
+  early-exit/backbone ratio.
 - ``measure_latency``: the same on one image at a time: p50 and p99 latency of both paths, and
   the ratio of mean latencies against the ideal from batch-1 segment shares.
 """
@@ -96,6 +100,31 @@ def timed_pass(
     return segments, heads
 
 
+@torch.no_grad()
+def timed_running_segments(
+    network: EarlyExitNetwork, inputs: Any, exit_index: Tensor, sync: Callable[[], None],
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Seconds of the backbone's segments alone, each run on exactly the samples real early exit
+    runs it on (those with ``exit_index`` >= the segment): early exit without its heads and
+    with compaction left out of the timing. Against the linear ideal, it is what the kernels
+    lose (or gain) on the smaller batches; against real early exit, what heads and compaction add."""
+    backbone = network.backbone
+    state, seconds = backbone.begin(inputs), 0.0
+    for index in range(network.num_gates + 1):
+        sync()
+        start = clock()
+        state = backbone.run_segment(index, state)
+        sync()
+        seconds += clock() - start
+        if index < network.num_gates:
+            staying = (exit_index > index).nonzero().squeeze(-1)
+            if len(staying) == 0:
+                break
+            state, exit_index = backbone.select(state, staying), exit_index[staying]
+    return seconds
+
+
 def cumulative_shares(segment_seconds: Sequence[float]) -> list[float]:
     """Share of the backbone's time spent up to (and including) each segment: ends at 1."""
     total, running, shares = sum(segment_seconds), 0.0, []
@@ -144,6 +173,7 @@ class BatchResult:
     ideal: float  # latency-weighted ideal from backbone segment shares
     ideal_with_heads: float
     reference_ratio: float | None = None  # another early-exit implementation (--reference-rev)
+    running_ideal: float = 0.0  # segments alone at the running batch sizes, over the backbone
     backbone_images_per_second: float = 0.0
     early_exit_images_per_second: float = 0.0
     over_ideal: float = 0.0  # time_ratio / ideal
@@ -203,6 +233,13 @@ def _add_pass(
         heads_sum[i] += value
 
 
+def _add_running(
+    times: dict[str, float], network: EarlyExitNetwork, x: Any, exit_index: Tensor,
+    sync: Callable[[], None], clock: Callable[[], float],
+) -> None:
+    times["running"] += timed_running_segments(network, x, exit_index, sync, clock)
+
+
 def _rotated(steps: list[Callable[[], None]], shift: int) -> list[Callable[[], None]]:
     shift %= len(steps)
     return steps[shift:] + steps[:shift]
@@ -231,18 +268,20 @@ def measure_batches(
 
     once = partial(timed_call, sync=sync, clock=clock)
 
-    exits = torch.cat([network.early_exit(x).exit_index.cpu() for x in batches])  # also warms up
+    exit_indices = [network.early_exit(x).exit_index for x in batches]  # also warms up
+    exits = torch.cat([e.cpu() for e in exit_indices])
     for x in batches:
         backbone(x)
-    full, early, references, segment_rows, head_rows = [], [], [], [], []
+    full, early, references, running, segment_rows, head_rows = [], [], [], [], [], []
     for round_index in range(rounds):
-        times = {"backbone": 0.0, "early": 0.0, "reference": 0.0}
+        times = {"backbone": 0.0, "early": 0.0, "reference": 0.0, "running": 0.0}
         segments_sum, heads_sum = [0.0] * num_exits, [0.0] * (num_exits - 1)
         for batch_index, x in enumerate(batches):
             steps = [
                 partial(_add_time, times, "backbone", once, backbone, x),
                 partial(_add_time, times, "early", once, network.early_exit, x),
                 partial(_add_pass, segments_sum, heads_sum, network, x, sync, clock),
+                partial(_add_running, times, network, x, exit_indices[batch_index], sync, clock),
             ]
             if reference is not None:
                 steps.append(partial(_add_time, times, "reference", once, reference, x))
@@ -251,6 +290,7 @@ def measure_batches(
         full.append(times["backbone"])
         early.append(times["early"])
         references.append(times["reference"])
+        running.append(times["running"])
         segment_rows.append(segments_sum)
         head_rows.append(heads_sum)
     ratios = [e / f for e, f in zip(early, full)]
@@ -272,6 +312,7 @@ def measure_batches(
         ideal=ideal_ratio(fractions, seg_shares),
         ideal_with_heads=ideal_ratio(fractions, [s + h for s, h in zip(seg_shares, head_shares)]),
         reference_ratio=None if reference is None else statistics.median([r / f for r, f in zip(references, full)]),
+        running_ideal=statistics.median([r / f for r, f in zip(running, full)]),
     )
 
 
@@ -359,9 +400,9 @@ def markdown_tables(rows: Sequence[Row]) -> str:
     with_reference = any(r.batch is not None and r.batch.reference_ratio is not None for r in rows)
     extra_head, extra_rule = (" reference ratio |", "---|") if with_reference else ("", "")
     lines = [
-        "| setup | policy | mul-add cost | ideal | ideal + heads | time ratio (median [IQR]) | ratio / ideal | images/s backbone → early exit |"
-        + extra_head,
-        "|---|---|---|---|---|---|---|---|" + extra_rule,
+        "| setup | policy | mul-add cost | ideal | ideal at running batch sizes | ideal + heads | time ratio (median [IQR]) "
+        "| ratio / ideal | images/s backbone → early exit |" + extra_head,
+        "|---|---|---|---|---|---|---|---|---|" + extra_rule,
     ]
     for row in rows:
         if row.batch is None:
@@ -369,7 +410,7 @@ def markdown_tables(rows: Sequence[Row]) -> str:
         b = row.batch
         q1, q3 = b.time_ratio_quartiles
         lines.append(
-            f"| {row.setup} | {row.policy} | {b.expected_cost:.3f} | {b.ideal:.3f} | {b.ideal_with_heads:.3f} | "
+            f"| {row.setup} | {row.policy} | {b.expected_cost:.3f} | {b.ideal:.3f} | {b.running_ideal:.3f} | {b.ideal_with_heads:.3f} | "
             f"{b.time_ratio:.3f} [{q1:.3f}, {q3:.3f}] | {b.over_ideal:.3f} | "
             f"{b.backbone_images_per_second:.0f} → {b.early_exit_images_per_second:.0f} |"
             + _reference(b.reference_ratio)

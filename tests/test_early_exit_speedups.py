@@ -155,8 +155,31 @@ def test_speed_measurements_run_on_the_tiny_network():
         assert all(b >= a for a, b in zip(result.segment_shares, result.segment_shares[1:]))
         assert 0 < result.ideal <= 1 and result.ideal <= result.ideal_with_heads
         assert 0 < result.expected_cost <= 1 and sum(result.exit_fractions) == pytest.approx(1.0)
-    assert batch.samples == 32 and batch.time_ratio > 0
+    assert batch.samples == 32 and batch.time_ratio > 0 and batch.running_ideal > 0
     assert latency.backbone_ms["p99"] >= latency.backbone_ms["p50"] > 0
     table = speed_common.markdown_tables([speed_common.Row("tiny", "jei", batch, latency)])
     assert table.count("| tiny | jei |") == 2
     assert speed_common.ideal_ratio([0.5, 0.5], [0.25, 1.0]) == pytest.approx(0.625)
+
+
+def test_running_segments_run_each_segment_on_the_samples_still_running(monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import speed_common
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    network = tiny_network(3)
+    backbone, seen = network.backbone, []
+    run_segment = backbone.run_segment
+
+    def recording(index, state):
+        seen.append((index, len(state)))
+        return run_segment(index, state)
+
+    monkeypatch.setattr(backbone, "run_segment", recording)
+    exit_index = torch.tensor([0, 3, 1, 1, 3, 0])
+    assert speed_common.timed_running_segments(network, inputs(6), exit_index, lambda: None) > 0
+    assert seen == [(0, 6), (1, 4), (2, 2), (3, 2)]
+    seen.clear()
+    speed_common.timed_running_segments(network, inputs(3), torch.tensor([0, 1, 1]), lambda: None)
+    assert seen == [(0, 3), (1, 2)]  # nobody left after exit 1: no later segment runs
