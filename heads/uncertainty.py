@@ -14,10 +14,12 @@ def uncertainty_features(logits: Tensor) -> Tensor:
     Detached: the gate learns to read the IM's uncertainty, not to change it.
 
     Written in few tensor operations, because real early exit computes it at every exit: p and
-    q = softmax(2 * logits) come from one softmax over both, the two entropies from one sum.
+    q come from one softmax over both, the two entropies from one sum. q is the softmax of
+    2 log p, computed from log space so tiny probabilities do not underflow to 0/0.
     """
     logits = logits.detach().float()
-    both = torch.softmax(torch.stack([logits, 2.0 * logits], dim=1), dim=-1)  # [B, 2, K]: p, q
+    doubled = 2.0 * torch.log_softmax(logits, dim=-1)
+    both = torch.softmax(torch.stack([logits, doubled], dim=1), dim=-1)  # [B, 2, K]: p, q
     # entr(x) = -x log x with entr(0) = 0, so one-hot rows stay finite.
     entropy_p, entropy_q = torch.special.entr(both).sum(dim=-1).unbind(dim=-1)
     if logits.shape[-1] == 1:  # one class: no runner-up, the margin is max p

@@ -116,9 +116,9 @@ SCORES = ("max_prob", "entropy", "gate")
 def confidence(logits: Tensor, score: str) -> Tensor:
     """``[..., K]`` logits -> a confidence score where higher means surer: the max softmax
     probability, or minus the entropy (so one "leave when score >= threshold" rule serves both)."""
-    if score == "max_prob":  # two operations: real early exit computes it at every exit
-        return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
+    if score == "max_prob":  # amax: no indices (real early exit computes it at every exit)
+        return log_probs.amax(dim=-1).exp()
     return (log_probs.exp() * log_probs).sum(dim=-1)  # -H(p)
 
 

@@ -141,6 +141,20 @@ def test_uncertainty_features_on_known_distributions():
     torch.testing.assert_close(certain, torch.tensor([1.0, 0.0, 1.0, 0.0]))
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**16), st.integers(1, 40), st.integers(2, 12), st.floats(0.01, 100.0))
+def test_uncertainty_features_equal_the_stated_formulas_bit_for_bit(seed, batch, classes, scale):
+    """The few-operation implementation computes exactly the four statistics as written
+    (softmax, xlogy entropies, top-2 margin, q = softmax(2 log p)): trained gates do not move."""
+    logits = torch.randn(batch, classes, generator=torch.Generator().manual_seed(seed)) * scale
+    p = torch.softmax(logits, dim=-1)
+    q = torch.softmax(2.0 * torch.log_softmax(logits, dim=-1), dim=-1)
+    top2 = p.topk(2, dim=-1).values
+    entropy = lambda d: -torch.special.xlogy(d, d).sum(dim=-1)  # noqa: E731
+    expected = torch.stack([top2[:, 0], entropy(p), top2[:, 0] - top2[:, 1], entropy(q)], dim=-1)
+    assert torch.equal(uncertainty_features(logits), expected)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**16), st.floats(1.0, 1e4))
 def test_gate_is_finite_for_extreme_logits_and_detached(seed, scale):

@@ -155,6 +155,9 @@ def test_max_prob_and_entropy_thresholds():
     assert ConfidenceThreshold("max_prob", 0.85).decide(outputs).tolist() == [0, 1]
     assert ConfidenceThreshold("max_prob", [0.95, 0.9]).decide(outputs).tolist() == [2, 1]
     assert ConfidenceThreshold("entropy", 0.35).decide(outputs).tolist() == [0, 1]  # H(0.9, 0.1) = 0.325 nats
+    scores = torch.randn(500, 10, generator=torch.Generator().manual_seed(0)) * 5
+    # max-prob is exp(max log p) bit for bit (fitted thresholds do not move when the code gets faster)
+    assert torch.equal(confidence(scores, "max_prob"), torch.log_softmax(scores, -1).max(-1).values.exp())
 
 
 def test_patience_leaves_when_predictions_agree():
