@@ -63,7 +63,7 @@ def heads(network: EarlyExitNetwork, batch_size: int, compiled: bool) -> dict[st
     return timed
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def measure(network: EarlyExitNetwork, images: torch.Tensor, batch_size: int, clock: Callable[[], float],
             compiled: bool) -> dict[str, Any]:
     backbone = network.backbone

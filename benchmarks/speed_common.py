@@ -1,7 +1,9 @@
 """Measurements shared by the early-exit speed benchmarks (imported by the scripts beside it).
 
 Everything is measured side by side in one process, interleaved, so machine load (other jobs on
-the same cores) hits every path alike; every figure is a median over repeats.
+the same cores) hits every path alike; every figure is a median over repeats. Every path runs
+under inference mode, as real early exit's loop does (``jei.model.stream_exits``), so the
+backbone alone is timed like for like.
 
 - ``timed_pass``: the all-exits pass run segment by segment with a timer around each backbone
   segment and each exit's head (representation, IM, temperature, gate, policy step). The
@@ -61,7 +63,7 @@ def timed_call(fn: Callable[[Any], Any], x: Any, sync: Callable[[], None], clock
     return clock() - start
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def timed_pass(
     network: EarlyExitNetwork, inputs: Any, sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter
 ) -> tuple[list[float], list[float]]:
@@ -100,7 +102,7 @@ def timed_pass(
     return segments, heads
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def timed_running_segments(
     network: EarlyExitNetwork, inputs: Any, exit_index: Tensor, sync: Callable[[], None],
     clock: Callable[[], float] = time.perf_counter,
@@ -247,7 +249,7 @@ def _rotated(steps: list[Callable[[], None]], shift: int) -> list[Callable[[], N
     return steps[shift:] + steps[:shift]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def measure_batches(
     network: EarlyExitNetwork,
     batches: Sequence[Any],
@@ -318,7 +320,7 @@ def measure_batches(
     )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def measure_latency(
     network: EarlyExitNetwork,
     images: Sequence[Any],

@@ -175,6 +175,34 @@ def stream_exits(
       skipped whole when no later exit reads it (no ensemble, no history gates);
     - a division by a temperature of exactly 1 is skipped (it would change nothing).
     """
+    left: list[tuple[Tensor | None, int, Tensor]] = []  # (positions or None: all, exit, logits)
+    # Inference mode makes every small operation cheaper (no version counters, no autograd
+    # dispatch); the result is assembled outside it, so callers get ordinary tensors.
+    with torch.inference_mode():
+        dtype = _run_exits(
+            left, state, total, num_gates, segment=segment, head=head, gate=gate, select=select, policy=policy,
+            temperature=temperature, ensemble_decay=ensemble_decay, gate_history=gate_history,
+        )
+    return _assemble(left, total, dtype)
+
+
+def _run_exits(
+    left: list[tuple[Tensor | None, int, Tensor]],
+    state: Any,
+    total: int,
+    num_gates: int,
+    *,
+    segment: Callable[[int, Any], Any],
+    head: Callable[[int, Any], Tensor],
+    gate: Callable[[int, Tensor], Tensor],
+    select: Callable[[Any, Tensor], Any],
+    policy: ExitPolicy,
+    temperature: Tensor,
+    ensemble_decay: float,
+    gate_history: bool,
+) -> torch.dtype:
+    """``stream_exits``' loop: appends (positions or None: all, exit, logits) of every group of
+    samples that leaves to ``left``; returns the output's dtype."""
     read_gates = getattr(policy, "uses_gates", True)
     # An exit nobody can leave is skipped whole, unless a later exit reads its output.
     may_leave = getattr(policy, "may_leave", None) if ensemble_decay == 0.0 and not gate_history else None
@@ -184,7 +212,6 @@ def stream_exits(
     decision: dict[str, Tensor] | None = None
     previous: Tensor | None = None  # the last exit's prediction, for ensembles
     history: Tensor | None = None  # history gates' per-sample history of the exits so far
-    left: list[tuple[Tensor | None, int, Tensor]] = []  # (positions or None: all, exit, logits)
     dtype = None  # the first exit's logits' dtype: the output's, as in the all-exits pass
     no_gates: Tensor | None = None  # the gate logits a gate-free policy is given
     for index in range(num_gates):
@@ -208,7 +235,7 @@ def stream_exits(
         count = int(leaving.item()) if running == 1 else int(leaving.sum())
         if count == running:  # everyone left: no later segment runs
             left.append((active, index, logits))
-            return _assemble(left, total, dtype)
+            return dtype
         if count == 0:  # nobody left: nothing to compact
             previous = raw
             continue
@@ -227,7 +254,7 @@ def stream_exits(
     final = combine(final.to(dtype), previous, ensemble_decay)
     scaled = final if unit[num_gates] else final / temperature[num_gates].to(final.dtype)
     left.append((active, num_gates, scaled))
-    return _assemble(left, total, dtype)
+    return dtype
 
 
 def _take(value: Tensor, keep: Tensor) -> Tensor:
@@ -241,7 +268,7 @@ def _assemble(left: list[tuple[Tensor | None, int, Tensor]], total: int, dtype: 
     positions, index, logits = left[0]
     if len(left) == 1 and positions is None:  # all left at one exit, before any compaction
         exit_index = torch.full((total,), index, dtype=torch.long, device=logits.device)
-        return EarlyExitResult(logits=logits.to(dtype), exit_index=exit_index)
+        return EarlyExitResult(logits=logits.to(dtype, copy=True), exit_index=exit_index)
     out = logits.new_empty((total, logits.shape[-1]), dtype=dtype)
     exit_index = torch.empty(total, dtype=torch.long, device=logits.device)
     for positions, index, logits in left:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
 from jei.model import predict_from_outputs
-from jei.policies import ConfidenceThreshold, GateThreshold, JEIRule, Patience
+from jei.policies import ConfidenceThreshold, GateThreshold, JEIRule, Patience, confidence
 
 from .helpers import tiny_network
 
@@ -183,3 +183,22 @@ def test_running_segments_run_each_segment_on_the_samples_still_running(monkeypa
     seen.clear()
     speed_common.timed_running_segments(network, inputs(3), torch.tensor([0, 1, 1]), lambda: None)
     assert seen == [(0, 3), (1, 2)]  # nobody left after exit 1: no later segment runs
+
+
+def test_early_exit_runs_in_inference_mode_but_returns_ordinary_tensors():
+    """The loop runs under inference mode (cheaper small operations); callers still get tensors
+    they can modify in place or feed to autograd, whether everyone left at one exit or not."""
+    network = tiny_network(3)
+    x = inputs(20)
+    with torch.no_grad():
+        scores = confidence(network(x).logits[0], "max_prob")
+    modes = []
+    run_segment = network.backbone.run_segment
+    network.backbone.run_segment = lambda index, state: modes.append(torch.is_inference_mode_enabled()) or run_segment(index, state)
+    for threshold in (0.0, float(scores.median()), 2.0):  # all at exit 0, split, none early
+        network.policy = ConfidenceThreshold("max_prob", threshold)
+        result = network.early_exit(x)
+        assert not result.logits.is_inference() and not result.exit_index.is_inference()
+        result.logits.mul_(2.0)
+        (result.logits.requires_grad_() * 2).sum().backward()
+    assert modes and all(modes)
