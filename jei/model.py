@@ -175,34 +175,6 @@ def stream_exits(
       skipped whole when no later exit reads it (no ensemble, no history gates);
     - a division by a temperature of exactly 1 is skipped (it would change nothing).
     """
-    left: list[tuple[Tensor | None, int, Tensor]] = []  # (positions or None: all, exit, logits)
-    # Inference mode makes every small operation cheaper (no version counters, no autograd
-    # dispatch); the result is assembled outside it, so callers get ordinary tensors.
-    with torch.inference_mode():
-        dtype = _run_exits(
-            left, state, total, num_gates, segment=segment, head=head, gate=gate, select=select, policy=policy,
-            temperature=temperature, ensemble_decay=ensemble_decay, gate_history=gate_history,
-        )
-    return _assemble(left, total, dtype)
-
-
-def _run_exits(
-    left: list[tuple[Tensor | None, int, Tensor]],
-    state: Any,
-    total: int,
-    num_gates: int,
-    *,
-    segment: Callable[[int, Any], Any],
-    head: Callable[[int, Any], Tensor],
-    gate: Callable[[int, Tensor], Tensor],
-    select: Callable[[Any, Tensor], Any],
-    policy: ExitPolicy,
-    temperature: Tensor,
-    ensemble_decay: float,
-    gate_history: bool,
-) -> torch.dtype:
-    """``stream_exits``' loop: appends (positions or None: all, exit, logits) of every group of
-    samples that leaves to ``left``; returns the output's dtype."""
     read_gates = getattr(policy, "uses_gates", True)
     # An exit nobody can leave is skipped whole, unless a later exit reads its output.
     may_leave = getattr(policy, "may_leave", None) if ensemble_decay == 0.0 and not gate_history else None
@@ -214,47 +186,52 @@ def _run_exits(
     history: Tensor | None = None  # history gates' per-sample history of the exits so far
     dtype = None  # the first exit's logits' dtype: the output's, as in the all-exits pass
     no_gates: Tensor | None = None  # the gate logits a gate-free policy is given
-    for index in range(num_gates):
-        state = segment(index, state)
-        if may_leave is not None and not may_leave(index):
-            continue
-        raw = combine(head(index, state), previous, ensemble_decay)
-        logits = raw if unit[index] else raw / temperature[index].to(raw.dtype)
-        if decision is None:
-            decision, dtype = policy.begin(total, logits.device), logits.dtype
-        if not read_gates:  # zeros for the running samples, made again only when they change
-            if no_gates is None or len(no_gates) != running:
-                no_gates = logits.new_zeros(running)
-            gate_logit = no_gates
-        elif gate_history:
-            gate_logit, history = gate(index, logits, history)
-        else:
-            gate_logit = gate(index, logits)
-        leaving, decision = policy.step(index, logits, gate_logit, decision)
-        # The one device-to-host read of this exit.
-        count = int(leaving.item()) if running == 1 else int(leaving.sum())
-        if count == running:  # everyone left: no later segment runs
-            left.append((active, index, logits))
-            return dtype
-        if count == 0:  # nobody left: nothing to compact
-            previous = raw
-            continue
-        # Staying samples first, then leaving ones, each in batch order: no further sync.
-        order = torch.argsort(leaving.to(torch.uint8), stable=True)
-        stay, leave = order[: running - count], order[running - count :]
-        left.append((leave if active is None else active.index_select(0, leave), index, logits.index_select(0, leave)))
-        active = stay if active is None else active.index_select(0, stay)
-        running -= count
-        decision = {key: _take(value, stay) for key, value in decision.items()}
-        previous = raw.index_select(0, stay) if ensemble_decay != 0.0 else None
-        history = history.index_select(0, stay) if history is not None else None
-        state = select(state, stay)
-    final = segment(num_gates, state)
-    dtype = final.dtype if dtype is None else dtype  # every exit skipped
-    final = combine(final.to(dtype), previous, ensemble_decay)
-    scaled = final if unit[num_gates] else final / temperature[num_gates].to(final.dtype)
-    left.append((active, num_gates, scaled))
-    return dtype
+    left: list[tuple[Tensor | None, int, Tensor]] = []  # (positions or None: all, exit, logits)
+    # Inference mode makes every small operation cheaper (no version counters, no autograd
+    # dispatch); the result is assembled outside it, so callers get ordinary tensors.
+    with torch.inference_mode():
+        for index in range(num_gates):
+            state = segment(index, state)
+            if may_leave is not None and not may_leave(index):
+                continue
+            raw = combine(head(index, state), previous, ensemble_decay)
+            logits = raw if unit[index] else raw / temperature[index].to(raw.dtype)
+            if decision is None:
+                decision, dtype = policy.begin(total, logits.device), logits.dtype
+            if not read_gates:  # zeros for the running samples, made again only when they change
+                if no_gates is None or len(no_gates) != running:
+                    no_gates = logits.new_zeros(running)
+                gate_logit = no_gates
+            elif gate_history:
+                gate_logit, history = gate(index, logits, history)
+            else:
+                gate_logit = gate(index, logits)
+            leaving, decision = policy.step(index, logits, gate_logit, decision)
+            # The one device-to-host read of this exit.
+            count = int(leaving.item()) if running == 1 else int(leaving.sum())
+            if count == running:  # everyone left: no later segment runs
+                left.append((active, index, logits))
+                break
+            if count == 0:  # nobody left: nothing to compact
+                previous = raw
+                continue
+            # Staying samples first, then leaving ones, each in batch order: no further sync.
+            order = torch.argsort(leaving.to(torch.uint8), stable=True)
+            stay, leave = order[: running - count], order[running - count :]
+            left.append((leave if active is None else active.index_select(0, leave), index, logits.index_select(0, leave)))
+            active = stay if active is None else active.index_select(0, stay)
+            running -= count
+            decision = {key: _take(value, stay) for key, value in decision.items()}
+            previous = raw.index_select(0, stay) if ensemble_decay != 0.0 else None
+            history = history.index_select(0, stay) if history is not None else None
+            state = select(state, stay)
+        else:  # some samples ran through every exit
+            final = segment(num_gates, state)
+            dtype = final.dtype if dtype is None else dtype  # every exit skipped
+            final = combine(final.to(dtype), previous, ensemble_decay)
+            scaled = final if unit[num_gates] else final / temperature[num_gates].to(final.dtype)
+            left.append((active, num_gates, scaled))
+    return _assemble(left, total, dtype)
 
 
 def _take(value: Tensor, keep: Tensor) -> Tensor:
