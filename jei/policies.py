@@ -151,18 +151,27 @@ class ConfidenceThreshold(Policy):
     @thresholds.setter
     def thresholds(self, values: Tensor) -> None:
         self._thresholds = values
-        # One 0-dim tensor per entry, split once: ``step`` compares against it as it is (a CPU
-        # scalar tensor works with any device's scores) instead of indexing and copying per exit.
+        self._split()
+
+    def _split(self) -> None:
+        """Per-exit views of the thresholds, made once rather than at every exit: one 0-dim
+        tensor each, which ``step`` compares against as it is (a CPU scalar tensor works with any
+        device's scores), and which exits no sample can leave."""
+        values = self._thresholds
+        self._version = values._version  # an in-place edit of ``thresholds`` re-splits them
         self._each = values.cpu().unbind()
         # A threshold of +inf on a bounded score (max-prob <= 1, -entropy <= 0) fires for nobody;
         # a gate logit is unbounded, so its exits are always asked.
         self._closed = [self.score != "gate" and value == float("inf") for value in values.tolist()]
 
     def may_leave(self, index: int) -> bool:
-        return not self._closed[self._position(index)]
+        position = self._position(index)  # first: it re-splits edited thresholds
+        return not self._closed[position]
 
     def _position(self, index: int) -> int:
         """Where exit ``index``'s threshold is (0 when one value is shared by every exit)."""
+        if self._thresholds._version != self._version:
+            self._split()
         if len(self._each) == 1:
             return 0
         if index >= len(self._each):
@@ -202,7 +211,8 @@ class ConfidenceThreshold(Policy):
         return torch.stack([self._score(outputs.logits[l], outputs.gate_logits[:, l]) for l in range(outputs.num_gates)])
 
     def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: State) -> tuple[Tensor, State]:
-        return self._score(logits, gate_logit) >= self._each[self._position(index)], state
+        position = self._position(index)  # first: it re-splits edited thresholds
+        return self._score(logits, gate_logit) >= self._each[position], state
 
     def decide(self, outputs: ExitOutputs) -> Tensor:
         scores = self.scores(outputs).T

@@ -132,6 +132,20 @@ def test_real_early_exit_skips_closed_exits_unless_a_later_exit_reads_them():
         assert actual.logits.dtype == expected.logits.dtype
 
 
+def test_editing_thresholds_in_place_reaches_real_early_exit():
+    """``may_leave`` and ``step`` follow an in-place edit of ``thresholds``, as ``decide`` does."""
+    network = tiny_network(4)
+    inputs = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        outputs = network(inputs)
+    network.policy = ConfidenceThreshold("max_prob", [float("inf")] * 3)
+    assert (network.early_exit(inputs).exit_index == 3).all()
+    network.policy.thresholds[0] = float(confidence(outputs.logits[0], "max_prob").median())
+    expected = predict_from_outputs(outputs, network.policy)
+    assert (expected.exit_index == 0).any()
+    assert torch.equal(network.early_exit(inputs).exit_index, expected.exit_index)
+
+
 def test_every_registered_policy_builds_with_defaults_and_round_trips_its_state():
     outputs = random_outputs(5)
     labels = torch.arange(40) % 4
