@@ -150,6 +150,9 @@ class ConfidenceThreshold(Policy):
 
     @thresholds.setter
     def thresholds(self, values: Tensor) -> None:
+        if values.is_inference():  # made under inference mode: an ordinary copy keeps a version counter
+            with torch.inference_mode(False):
+                values = values.clone()
         self._thresholds = values
         self._split()
 

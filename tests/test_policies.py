@@ -144,6 +144,11 @@ def test_editing_thresholds_in_place_reaches_real_early_exit():
     expected = predict_from_outputs(outputs, network.policy)
     assert (expected.exit_index == 0).any()
     assert torch.equal(network.early_exit(inputs).exit_index, expected.exit_index)
+    with torch.inference_mode():  # a policy built, fitted or loaded under inference mode works too
+        built_there = ConfidenceThreshold("max_prob", network.policy.thresholds.tolist())
+        built_there.load_state_dict(network.policy.state_dict())
+    network.policy = built_there
+    assert torch.equal(network.early_exit(inputs).exit_index, expected.exit_index)
 
 
 def test_every_registered_policy_builds_with_defaults_and_round_trips_its_state():
