@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from jei.cost import measure_exit_costs
-from jei.model import EarlyExitNetwork
+from jei.model import EarlyExitNetwork, skippable_exits
 
 CLOCKS: dict[str, Callable[[], float]] = {
     "wall": time.perf_counter,
@@ -75,7 +75,7 @@ def timed_pass(
     total = backbone.batch_size(inputs)
     segments, heads = [], []
     decision = None
-    skippable = hasattr(policy, "may_leave") and network.ensemble_decay == 0.0 and not network.reads_history
+    may_leave = skippable_exits(policy, network.ensemble_decay, network.reads_history)
     sync()
     start = clock()
     state = backbone.begin(inputs)
@@ -87,7 +87,7 @@ def timed_pass(
         start = now
         if index == network.num_gates:
             break
-        if skippable and not policy.may_leave(index):  # real early exit skips this exit whole
+        if may_leave is not None and not may_leave(index):  # real early exit skips this exit whole
             heads.append(0.0)
             continue
         logits = network._scaled(network.ims[index](backbone.represent(index, state)), index)

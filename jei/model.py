@@ -176,8 +176,7 @@ def stream_exits(
     - a division by a temperature of exactly 1 is skipped (it would change nothing).
     """
     read_gates = getattr(policy, "uses_gates", True)
-    # An exit nobody can leave is skipped whole, unless a later exit reads its output.
-    may_leave = getattr(policy, "may_leave", None) if ensemble_decay == 0.0 and not gate_history else None
+    may_leave = skippable_exits(policy, ensemble_decay, gate_history)
     unit = (temperature == 1).tolist()
     running = total
     active: Tensor | None = None  # original positions of the running samples; None: all, in order
@@ -232,6 +231,15 @@ def stream_exits(
             scaled = final if unit[num_gates] else final / temperature[num_gates].to(final.dtype)
             left.append((active, num_gates, scaled))
     return _assemble(left, total, dtype)
+
+
+def skippable_exits(policy: ExitPolicy, ensemble_decay: float, gate_history: bool) -> Callable[[int], bool] | None:
+    """``policy.may_leave`` when real early exit may act on it: an exit nobody can leave is
+    skipped whole, unless a later exit reads its output (an ensemble, history gates). None:
+    every exit runs."""
+    if ensemble_decay != 0.0 or gate_history:
+        return None
+    return getattr(policy, "may_leave", None)
 
 
 def _take(value: Tensor, keep: Tensor) -> Tensor:
