@@ -15,6 +15,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from jei.memory_format import select_rows
 from jei.types import BackboneOutput, ExitSpec
 
 
@@ -56,7 +57,7 @@ class FrozenBackbone(nn.Module, ABC):
         Real early exit calls it only at an exit that some, but not all, samples leave.
         """
         if isinstance(state, Tensor):
-            return state.index_select(0, keep)  # one gather, no advanced-indexing machinery
+            return select_rows(state, keep)  # one gather, channels-last maps kept channels-last
         return state[keep]
 
     def batch_size(self, inputs: Any) -> int:

@@ -2,7 +2,7 @@
 
     python benchmarks/early_exit_limit.py [--setups resnet56 vit digits] [--targets 0.44 0.72]
         [--policies budgeted jei] [--rounds 5] [--batches 2] [--latency-images 200] [--threads N]
-        [--clock wall|cpu] [--reference-rev REV] [--out results.json]
+        [--clock wall|cpu] [--channels-last] [--reference-rev REV] [--out results.json]
 
 For each setup (backbone and data), exit policy and target cost, in one interleaved run
 (``speed_common``): each segment's share of the backbone's time and the latency-weighted
@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_common import CLOCKS, Row, as_dict, exit_costs, markdown_tables, measure_batches, measure_latency
 
+from jei.memory_format import to_channels_last
 from jei.model import EarlyExitNetwork
 from jei.policies import BudgetedThreshold, JEIRule
 from jei.registry import BACKBONES, GATES, IMS
@@ -93,7 +94,7 @@ def with_heads(backbone: torch.nn.Module, num_classes: int, seed: int) -> EarlyE
     return EarlyExitNetwork(backbone, ims, gates).eval()
 
 
-def build_setup(name: str, count: int) -> tuple[EarlyExitNetwork, torch.Tensor, str]:
+def build_setup(name: str, count: int, channels_last: bool = False) -> tuple[EarlyExitNetwork, torch.Tensor, str]:
     torch.manual_seed(0)
     if name == "resnet56":
         weights = shared_data() / RESNET56_WEIGHTS
@@ -111,7 +112,10 @@ def build_setup(name: str, count: int) -> tuple[EarlyExitNetwork, torch.Tensor, 
         images, source = digits_images(count)
     else:
         raise SystemExit(f"unknown setup {name!r}: choose resnet56, vit or digits")
-    return with_heads(backbone.freeze(), 10, seed=1), images, source
+    network = with_heads(backbone.freeze(), 10, seed=1)
+    if channels_last:
+        to_channels_last(network.backbone)
+    return network, images, source
 
 
 def reference_early_exit(revision: str) -> Callable[[EarlyExitNetwork, Any], Any]:
@@ -180,6 +184,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time (steady on a busy machine; use with --threads 1)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the backbone's maps in NHWC (trainer.channels_last); benchmarks/memory_format.py compares both")
     parser.add_argument("--reference-rev", default=None,
                         help="also time early_exit as it was at this git revision (e.g. 95dd08a), side by side")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
@@ -193,7 +199,9 @@ def main() -> None:
     rows: list[Row] = []
     for setup in args.setups:
         measured = args.batches * args.batch_size
-        network, images, source = build_setup(setup, args.fit_images + max(measured, args.latency_images))
+        network, images, source = build_setup(
+            setup, args.fit_images + max(measured, args.latency_images), channels_last=args.channels_last
+        )
         fit, test = images[: args.fit_images], images[args.fit_images :]
         if len(test) < measured:
             raise SystemExit(f"{setup}: {len(test)} images left after fitting, {measured} needed")

@@ -36,6 +36,7 @@ from jei.checkpoint import RunCheckpoints, from_json, open_signed, rng_digest, r
 from jei.data.base import DataSplits
 from jei.features import input_digest
 from jei.io import atomic_path, atomic_write, remove_stale_temp_files
+from jei.memory_format import uses_channels_last
 from jei.train import BackboneTraining, fit_backbone
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ def backbone_key(
     # Only when not the default, so the keys of entries made before these existed still hold.
     if precision != "fp32":
         settings["precision"] = precision
+    if uses_channels_last(backbone):  # other kernels: not the same trained weights
+        settings["memory_format"] = "channels_last"
     if world_size > 1:  # each process's BatchNorm sees its slice of the batch: not the same weights
         settings["world_size"] = world_size
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())

@@ -284,6 +284,7 @@ def build_settings(cfg: DictConfig) -> RunSettings:
         eval_batch_size=integer(trainer.eval_batch_size, "trainer.eval_batch_size", minimum=1, hint="e.g. 256"),
         conformal=_settings(ConformalSettings, cfg.conformal, "conformal"),
         precision=check_precision(trainer.get("precision", "fp32"), device),
+        channels_last=boolean(trainer.get("channels_last", False), "trainer.channels_last"),
     )
 
 

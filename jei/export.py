@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from jei.memory_format import select_rows
 from jei.model import EarlyExitNetwork, stream_exits
 from jei.types import EarlyExitResult, ExitPolicy
 
@@ -150,7 +151,7 @@ class ExportedChain:
             segment=lambda index, state: segments[index](state),
             head=lambda index, state: heads[index](state),
             gate=lambda index, logits: gates[index](logits),
-            select=lambda state, keep: state.index_select(0, keep),
+            select=select_rows,
             policy=self.policy,
             temperature=self.temperature,
             ensemble_decay=self.ensemble_decay,

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from jei import distributed
 from jei.data.base import DataSplits, TensorDataSplits, pick_split
 from jei.io import atomic_path, atomic_write, remove_stale_temp_files
+from jei.memory_format import uses_channels_last
 from jei.model import EarlyExitNetwork
 from jei.precision import autocast
 
@@ -323,10 +324,12 @@ def cache_key(
 ) -> str:
     """Hash of what the features depend on: the backbone's weights, the IMs' pooling, the
     split's inputs (``input_digest``), labels and size, ``fingerprint`` (the data settings),
-    the ``dtype`` they are stored in and the ``precision`` the backbone ran in."""
+    the ``dtype`` they are stored in, the ``precision`` the backbone ran in and its memory format."""
     digest = hashlib.sha256(f"{CACHE_FORMAT}\0{fingerprint}\0{_dtype_name(feature_dtype(dtype))}".encode())
     if precision != "fp32":  # (fp32 adds nothing: the keys of every entry made before precision existed hold)
         digest.update(f"precision={precision}".encode())
+    if uses_channels_last(network.backbone):  # (likewise: NCHW adds nothing)
+        digest.update(b"memory_format=channels_last")
     for name, tensor in sorted(network.backbone.state_dict().items()):
         digest.update(name.encode())
         _hash_value(digest, tensor)

@@ -45,6 +45,7 @@ from jei.evaluate import exit_metrics
 from jei.features import AugmentedFeatures, CachedSplit, cached_split, to_device
 from jei.io import atomic_write, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
+from jei.memory_format import to_channels_last
 from jei.precision import autocast
 from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability, plot_training_curves
 from jei.predict import write_run_record
@@ -68,6 +69,7 @@ class RunSettings:
     eval_batch_size: int = 256
     conformal: ConformalSettings = field(default_factory=ConformalSettings)
     precision: str = "fp32"  # trainer.precision: the backbone's passes (jei.precision)
+    channels_last: bool = False  # trainer.channels_last: the backbone's maps in NHWC (jei.memory_format)
     # Filled from the config by ``run_experiment`` (``config_options``):
     backbone_cache_dir: Path | None = None  # None: no backbone cache
     backbone_config: Any = None  # the backbone's config, part of the backbone cache key
@@ -231,6 +233,8 @@ def prepare(
     epochs; ``checkpoints`` lets an interrupted backbone stage continue (``jei.checkpoint``)."""
     device = settings.device
     backbone.to(device)
+    if settings.channels_last:  # before the backbone stage and every key: they depend on it
+        to_channels_last(backbone)
     backbone_history = None
     if settings.train_backbone:
         backbone_history = trained_backbone(

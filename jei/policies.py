@@ -12,6 +12,7 @@ test; their settings are tensors returned by ``state_dict`` and saved with the r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -155,6 +156,12 @@ class ConfidenceThreshold(Policy):
                 values = values.clone()
         self._thresholds = values
         self._split()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Copies and unpickled policies go through the setter too: a deepcopy made under
+        # inference mode holds inference tensors, which have no version counter.
+        self.__dict__.update(state)
+        self.thresholds = state["_thresholds"]
 
     def _split(self) -> None:
         """Per-exit views of the thresholds, made once rather than at every exit: one 0-dim

@@ -236,6 +236,7 @@ def build_network(record: dict[str, Any], run_dir: str | Path) -> Any:
 
     from jei.backbones.base import load_state_dict_strict
     from jei.build import build_backbone, build_objective, network_factory
+    from jei.memory_format import to_channels_last
     from jei.pipeline import load_exits_state
 
     run_dir = Path(run_dir).expanduser()
@@ -253,6 +254,8 @@ def build_network(record: dict[str, Any], run_dir: str | Path) -> Any:
     if trained:
         path = _run_file(run_dir, trained)
         load_state_dict_strict(backbone, load_file(str(path)), str(path))
+    if (config.get("trainer") or {}).get("channels_last"):  # as the run computed its features
+        to_channels_last(backbone)
     backbone.freeze()
     objective = build_objective(config["objective"])
     network = network_factory(config["im"], config["gate"], info["num_classes"], config.get("policy"), objective)(backbone)

@@ -3,6 +3,9 @@ all-exits pass, for every built-in policy; plus each policy's own rule."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -149,6 +152,12 @@ def test_editing_thresholds_in_place_reaches_real_early_exit():
         built_there.load_state_dict(network.policy.state_dict())
     network.policy = built_there
     assert torch.equal(network.early_exit(inputs).exit_index, expected.exit_index)
+    for copied in (copy.deepcopy(network), pickle.loads(pickle.dumps(network))):  # copies, made there too
+        with torch.inference_mode():
+            copied = copy.deepcopy(copied)
+        assert torch.equal(copied.early_exit(inputs).exit_index, expected.exit_index)
+        copied.policy.thresholds[0] = float("inf")  # and a copy follows its own edits
+        assert (copied.early_exit(inputs).exit_index != 0).all()
 
 
 def test_every_registered_policy_builds_with_defaults_and_round_trips_its_state():

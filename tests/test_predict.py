@@ -304,3 +304,21 @@ def test_load_run_rebuilds_the_data_from_any_directory(trained, tmp_path, monkey
     expected_labels, expected_exits, _ = evaluation(trained)
     result = network.early_exit(inputs)
     assert torch.equal(result.exit_index, expected_exits) and torch.equal(result.logits.argmax(-1), expected_labels)
+
+
+@pytest.mark.slow
+def test_a_channels_last_run_is_rebuilt_channels_last(trained, tmp_path):
+    """A run trained with trainer.channels_last=true predicts in that layout, as it computed its
+    features (here the record of an NCHW run, edited: the same weights give the same predictions
+    up to rounding)."""
+    from jei.memory_format import uses_channels_last
+    from jei.predict import build_network, read_record
+
+    record = read_record(trained)
+    plain = build_network(record, trained)
+    record["config"]["trainer"]["channels_last"] = True
+    network = build_network(record, trained)
+    assert uses_channels_last(network.backbone) and not uses_channels_last(plain.backbone)
+    inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(network(inputs).logits, plain(inputs).logits, atol=1e-4, rtol=1e-4)

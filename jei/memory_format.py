@@ -1,0 +1,40 @@
+"""The memory format of the backbone's feature maps: ``trainer.channels_last``.
+
+Convolutions on 4-D maps stored channels-last (NHWC) run faster than in PyTorch's default
+NCHW layout on CPUs (oneDNN) and on recent GPUs (the README's Speed section measures it).
+The maps hold the same values but other kernels compute them, so outputs change in the last
+bits: features cached in one format are not reused for the other.
+
+``to_channels_last`` converts a module's 4-D weights; its convolutions then return
+channels-last maps whatever the input's layout. ``select_rows`` gathers samples without losing
+the layout (``index_select`` returns NCHW, which the next convolution would convert back).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """``module`` with its 4-D parameters and buffers stored channels-last (in place)."""
+    return module.to(memory_format=torch.channels_last)
+
+
+def is_channels_last(tensor: Tensor) -> bool:
+    """A 4-D tensor laid out channels-last and not also plain contiguous (e.g. 1x1 maps are both)."""
+    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
+def uses_channels_last(module: nn.Module) -> bool:
+    """Whether any 4-D parameter or buffer of ``module`` is stored channels-last."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return any(is_channels_last(tensor) for tensor in tensors)
+
+
+def select_rows(tensor: Tensor, keep: Tensor) -> Tensor:
+    """Rows ``keep`` of ``tensor`` (one gather, like ``index_select(0, keep)``), keeping a
+    channels-last map channels-last."""
+    if is_channels_last(tensor):  # gather on the NHWC view, which is plain contiguous
+        return tensor.permute(0, 2, 3, 1).index_select(0, keep).permute(0, 3, 1, 2)
+    return tensor.index_select(0, keep)
