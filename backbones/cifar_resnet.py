@@ -25,6 +25,8 @@ STAGE_WIDTHS = (16, 32, 64)
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU."""
 
+    batchnorm_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # what jei.batchnorm_folding may fold
+
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
@@ -57,6 +59,8 @@ class CifarResNet(SequentialBackbone):
             stages); give exactly one of ``exit_every`` and ``exits``.
         weights: optional local weights file, loaded strictly (then the backbone is frozen).
     """
+
+    batchnorm_pairs = (("conv1", "bn1"),)  # the stem's (jei.batchnorm_folding)
 
     def __init__(
         self,

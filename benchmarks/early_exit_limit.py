@@ -2,7 +2,7 @@
 
     python benchmarks/early_exit_limit.py [--setups resnet56 vit digits] [--targets 0.44 0.72]
         [--policies budgeted jei] [--rounds 5] [--batches 2] [--latency-images 200] [--threads N]
-        [--clock wall|cpu] [--channels-last] [--reference-rev REV] [--out results.json]
+        [--clock wall|cpu] [--channels-last] [--fold-batchnorm] [--reference-rev REV] [--out results.json]
 
 For each setup (backbone and data), exit policy and target cost, in one interleaved run
 (``speed_common``): each segment's share of the backbone's time and the latency-weighted
@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_common import CLOCKS, Row, as_dict, exit_costs, markdown_tables, measure_batches, measure_latency
 
+from jei.batchnorm_folding import fold_frozen_batchnorm
 from jei.memory_format import to_channels_last
 from jei.model import EarlyExitNetwork
 from jei.policies import BudgetedThreshold, JEIRule
@@ -94,7 +95,9 @@ def with_heads(backbone: torch.nn.Module, num_classes: int, seed: int) -> EarlyE
     return EarlyExitNetwork(backbone, ims, gates).eval()
 
 
-def build_setup(name: str, count: int, channels_last: bool = False) -> tuple[EarlyExitNetwork, torch.Tensor, str]:
+def build_setup(
+    name: str, count: int, channels_last: bool = False, fold_batchnorm: bool = False
+) -> tuple[EarlyExitNetwork, torch.Tensor, str]:
     torch.manual_seed(0)
     if name == "resnet56":
         weights = shared_data() / RESNET56_WEIGHTS
@@ -115,6 +118,8 @@ def build_setup(name: str, count: int, channels_last: bool = False) -> tuple[Ear
     network = with_heads(backbone.freeze(), 10, seed=1)
     if channels_last:
         to_channels_last(network.backbone)
+    if fold_batchnorm:
+        fold_frozen_batchnorm(network.backbone)
     return network, images, source
 
 
@@ -185,7 +190,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time (steady on a busy machine; use with --threads 1)")
     parser.add_argument("--channels-last", action="store_true",
-                        help="the backbone's maps in NHWC (trainer.channels_last); benchmarks/memory_format.py compares both")
+                        help="the backbone's maps in NHWC (trainer.channels_last); backbone_transforms.py compares")
+    parser.add_argument("--fold-batchnorm", action="store_true",
+                        help="BatchNorm folded into the convolutions (trainer.fold_batchnorm)")
     parser.add_argument("--reference-rev", default=None,
                         help="also time early_exit as it was at this git revision (e.g. 95dd08a), side by side")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
@@ -200,7 +207,8 @@ def main() -> None:
     for setup in args.setups:
         measured = args.batches * args.batch_size
         network, images, source = build_setup(
-            setup, args.fit_images + max(measured, args.latency_images), channels_last=args.channels_last
+            setup, args.fit_images + max(measured, args.latency_images),
+            channels_last=args.channels_last, fold_batchnorm=args.fold_batchnorm,
         )
         fit, test = images[: args.fit_images], images[args.fit_images :]
         if len(test) < measured:

@@ -285,6 +285,7 @@ def build_settings(cfg: DictConfig) -> RunSettings:
         conformal=_settings(ConformalSettings, cfg.conformal, "conformal"),
         precision=check_precision(trainer.get("precision", "fp32"), device),
         channels_last=boolean(trainer.get("channels_last", False), "trainer.channels_last"),
+        fold_batchnorm=boolean(trainer.get("fold_batchnorm", False), "trainer.fold_batchnorm"),
     )
 
 

@@ -45,6 +45,7 @@ from jei.evaluate import exit_metrics
 from jei.features import AugmentedFeatures, CachedSplit, cached_split, to_device
 from jei.io import atomic_write, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
+from jei.batchnorm_folding import fold_frozen_batchnorm
 from jei.memory_format import to_channels_last
 from jei.precision import autocast
 from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability, plot_training_curves
@@ -70,6 +71,7 @@ class RunSettings:
     conformal: ConformalSettings = field(default_factory=ConformalSettings)
     precision: str = "fp32"  # trainer.precision: the backbone's passes (jei.precision)
     channels_last: bool = False  # trainer.channels_last: the backbone's maps in NHWC (jei.memory_format)
+    fold_batchnorm: bool = False  # trainer.fold_batchnorm: once frozen (jei.batchnorm_folding)
     # Filled from the config by ``run_experiment`` (``config_options``):
     backbone_cache_dir: Path | None = None  # None: no backbone cache
     backbone_config: Any = None  # the backbone's config, part of the backbone cache key
@@ -246,6 +248,8 @@ def prepare(
         if tracker is not None and distributed.current().main:
             plot_training_curves(tracker.rows, Path(output_dir) / "training_curves.png")
     backbone.freeze()
+    if settings.fold_batchnorm:
+        fold_frozen_batchnorm(backbone)
 
     network = make_network(backbone).to(device)
     example, _ = next(iter(data.batches("test", 8)))

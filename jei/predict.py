@@ -236,6 +236,7 @@ def build_network(record: dict[str, Any], run_dir: str | Path) -> Any:
 
     from jei.backbones.base import load_state_dict_strict
     from jei.build import build_backbone, build_objective, network_factory
+    from jei.batchnorm_folding import fold_frozen_batchnorm
     from jei.memory_format import to_channels_last
     from jei.pipeline import load_exits_state
 
@@ -254,9 +255,12 @@ def build_network(record: dict[str, Any], run_dir: str | Path) -> Any:
     if trained:
         path = _run_file(run_dir, trained)
         load_state_dict_strict(backbone, load_file(str(path)), str(path))
-    if (config.get("trainer") or {}).get("channels_last"):  # as the run computed its features
+    trainer = config.get("trainer") or {}  # the backbone as the run computed its features
+    if trainer.get("channels_last"):
         to_channels_last(backbone)
     backbone.freeze()
+    if trainer.get("fold_batchnorm"):
+        fold_frozen_batchnorm(backbone)
     objective = build_objective(config["objective"])
     network = network_factory(config["im"], config["gate"], info["num_classes"], config.get("policy"), objective)(backbone)
     exits_path = _run_file(run_dir, record["files"]["exits"])

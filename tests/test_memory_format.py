@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +24,6 @@ from .helpers import tiny_network
 from .test_cache_integrity import toy_data
 
 CPU = torch.device("cpu")
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @settings(max_examples=30, deadline=None)
@@ -125,19 +121,3 @@ def test_trainer_channels_last_is_checked_and_reaches_the_backbone(tmp_path):
     network, _, splits, _, _ = prepare(data, build_backbone(cfg.backbone, data), make, settings, tmp_path / "run")
     assert uses_channels_last(network.backbone)
     assert splits["test"].pooled[0].is_contiguous()  # pooled features are plain [N, C] rows
-
-
-def test_the_layout_benchmark_times_both_layouts_of_one_network():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import memory_format as benchmark
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    network = tiny_network(3, gate_bias=-0.5)
-    batches = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(2)]
-    result = benchmark.measure(network, batches, 2, time.perf_counter)
-    assert not uses_channels_last(network.backbone)  # the NHWC paths ran a converted copy
-    assert set(result["images_per_second"]) == set(benchmark.PATHS)
-    assert all(speed > 0 for speed in result["images_per_second"].values())
-    assert result["samples"] == 32 and 0 <= result["exits_changed"] <= 32
-    assert result["backbone_nhwc_over_nchw"] > 0 and result["early_exit_nhwc_over_nchw"] > 0

@@ -307,18 +307,20 @@ def test_load_run_rebuilds_the_data_from_any_directory(trained, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_a_channels_last_run_is_rebuilt_channels_last(trained, tmp_path):
-    """A run trained with trainer.channels_last=true predicts in that layout, as it computed its
-    features (here the record of an NCHW run, edited: the same weights give the same predictions
-    up to rounding)."""
+def test_a_run_is_rebuilt_in_its_memory_format_and_with_its_folded_batchnorm(trained):
+    """A run trained with trainer.channels_last / fold_batchnorm predicts with its backbone as it
+    computed its features (here the record of a plain run, edited: the same weights give the same
+    predictions up to rounding)."""
     from jei.memory_format import uses_channels_last
     from jei.predict import build_network, read_record
 
     record = read_record(trained)
     plain = build_network(record, trained)
-    record["config"]["trainer"]["channels_last"] = True
+    record["config"]["trainer"].update(channels_last=True, fold_batchnorm=True)
     network = build_network(record, trained)
     assert uses_channels_last(network.backbone) and not uses_channels_last(plain.backbone)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
     inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(network(inputs).logits, plain(inputs).logits, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,148 @@
+"""The frozen backbone's inference transforms side by side: channels-last maps
+(``trainer.channels_last``) and BatchNorm folded into the convolutions
+(``trainer.fold_batchnorm``), for the backbone alone and for real early exit, in one
+interleaved run.
+
+    python benchmarks/backbone_transforms.py [--setups resnet56 digits] [--policies budgeted jei]
+        [--targets 0.44 0.72] [--rounds 5] [--batches 2] [--latency-images 100] [--threads N]
+        [--clock wall|cpu] [--out transforms.json]
+
+Setups and policies as in ``early_exit_limit.py``: the policy is set on the plain (NCHW)
+network, which is then copied and transformed, so every variant runs the same weights, heads and
+thresholds. Per round, in rotating order, each variant's backbone and early exit run over the
+same batches (``--batch-size``) and, one image at a time, over the same single images.
+Reported per variant: images/s of both paths, their time over the plain network's (median over
+rounds of each round's ratio), and how many samples take another exit than in the plain network
+(rounding in other kernels can move a score across a threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from early_exit_limit import build_setup, set_policy
+from speed_common import CLOCKS, exit_costs, synchronizer, timed_call
+
+from jei.batchnorm_folding import fold_frozen_batchnorm
+from jei.memory_format import to_channels_last
+from jei.model import EarlyExitNetwork
+
+VARIANTS = ("NCHW", "NHWC", "NCHW + fold", "NHWC + fold")
+
+
+def variants(network: EarlyExitNetwork) -> dict[str, EarlyExitNetwork]:
+    """The plain network and transformed copies of it."""
+    made = {"NCHW": network}
+    for name in VARIANTS[1:]:
+        copied = copy.deepcopy(network)
+        if "NHWC" in name:
+            to_channels_last(copied.backbone)
+        if "fold" in name:
+            fold_frozen_batchnorm(copied.backbone)
+        made[name] = copied
+    return made
+
+
+@torch.inference_mode()
+def measure(
+    network: EarlyExitNetwork, groups: list[torch.Tensor], rounds: int, clock: Callable[[], float]
+) -> dict[str, Any]:
+    """Per variant, seconds per round of the backbone and of early exit over ``groups`` (batches,
+    or single images), all interleaved."""
+    networks = variants(network)
+    timed = {(name, path): (net.backbone if path == "backbone" else net.early_exit)
+             for name, net in networks.items() for path in ("backbone", "early exit")}
+    sync = synchronizer(torch.device("cpu"))
+    for fn in timed.values():  # warm-up: one-off allocations and kernel selection
+        fn(groups[0])
+    plain_exits = [networks["NCHW"].early_exit(x).exit_index for x in groups]
+    changed = {
+        name: sum(int((net.early_exit(x).exit_index != exits).sum()) for x, exits in zip(groups, plain_exits))
+        for name, net in networks.items()
+    }
+    keys = list(timed)
+    seconds: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
+    for round_index in range(rounds):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            seconds[key].append(sum(timed_call(timed[key], x, sync, clock) for x in groups))
+    samples = sum(len(x) for x in groups)
+    results = {}
+    for name in VARIANTS:
+        results[name] = {"exits_changed": changed[name]}
+        for path in ("backbone", "early exit"):
+            own, plain = seconds[(name, path)], seconds[("NCHW", path)]
+            results[name][path] = {
+                "images_per_second": samples / statistics.median(own),
+                "time_over_plain": statistics.median(a / b for a, b in zip(own, plain)),
+            }
+        results[name]["early_exit_over_plain_backbone"] = statistics.median(
+            a / b for a, b in zip(seconds[(name, "early exit")], seconds[("NCHW", "backbone")])
+        )
+    return {"samples": samples, "variants": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setups", nargs="+", default=["resnet56", "digits"])
+    parser.add_argument("--policies", nargs="+", default=["budgeted", "jei"])
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.44, 0.72])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=2, help="measured batches per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--fit-images", type=int, default=512, help="images that set the policy (not timed)")
+    parser.add_argument("--latency-images", type=int, default=100, help="single images per round (0: skip)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
+    rows = []
+    print("| setup | policy | batch | variant | images/s backbone | images/s early exit | time over NCHW: backbone "
+          "| early exit | early exit over NCHW backbone | exits changed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for setup in args.setups:
+        measured = args.batches * args.batch_size
+        network, images, _ = build_setup(setup, args.fit_images + max(measured, args.latency_images))
+        fit, test = images[: args.fit_images], images[args.fit_images :]
+        costs = exit_costs(network, test[:4])
+        with torch.no_grad():
+            outputs = network(fit)
+        groups = {args.batch_size: [test[i * args.batch_size : (i + 1) * args.batch_size] for i in range(args.batches)]}
+        if args.latency_images:
+            groups[1] = [test[i : i + 1] for i in range(args.latency_images)]
+        for kind in args.policies:
+            for target in args.targets:
+                label = set_policy(network, kind, target, outputs, costs)
+                for batch_size, group in groups.items():
+                    result = measure(network, group, args.rounds, clock)
+                    rows.append({"setup": setup, "policy": f"{kind} @ {target:.2f}", "detail": label,
+                                 "batch_size": batch_size, **result})
+                    for name, variant in result["variants"].items():
+                        backbone, early = variant["backbone"], variant["early exit"]
+                        print(f"| {setup} | {kind} @ {target:.2f} | {batch_size} | {name} "
+                              f"| {backbone['images_per_second']:.0f} | {early['images_per_second']:.0f} "
+                              f"| {backbone['time_over_plain']:.3f} | {early['time_over_plain']:.3f} "
+                              f"| {variant['early_exit_over_plain_backbone']:.3f} "
+                              f"| {variant['exits_changed']} of {result['samples']} |", flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                        "clock": args.clock, "args": {k: str(v) for k, v in vars(args).items()},
+                                        "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

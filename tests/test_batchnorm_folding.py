@@ -1,0 +1,179 @@
+"""trainer.fold_batchnorm (jei.batchnorm_folding): a frozen backbone's (Conv2d, BatchNorm2d) pairs
+folded into one convolution compute the same function up to rounding, only where the fold is
+exact, with the same exit costs, keyed apart in the feature cache."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from torch import nn
+
+from jei.batchnorm_folding import fold_batchnorm, fold_frozen_batchnorm
+from jei.cost import measure_exit_costs
+from jei.errors import ConfigError
+from jei.features import cache_key
+from jei.memory_format import to_channels_last, uses_channels_last
+from jei.model import EarlyExitNetwork, predict_from_outputs
+from jei.policies import ConfidenceThreshold, confidence
+from jei.registry import BACKBONES, GATES, IMS
+
+from .helpers import tiny_network
+from .test_cache_integrity import toy_data
+
+CPU = torch.device("cpu")
+
+
+def randomise_statistics(module: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so that a wrong fold shows."""
+    generator = torch.Generator().manual_seed(seed)
+    for norm in module.modules():
+        if isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None:
+            width = norm.num_features
+            norm.running_mean.copy_(torch.randn(width, generator=generator))
+            norm.running_var.copy_(torch.rand(width, generator=generator) * 3 + 0.1)
+            if norm.affine:
+                norm.weight.data.copy_(torch.randn(width, generator=generator))
+                norm.bias.data.copy_(torch.randn(width, generator=generator))
+    return module.eval()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 3), st.sampled_from([1, 2]), st.booleans(),
+       st.booleans(), st.integers(0, 2**16))
+def test_a_folded_pair_computes_what_conv_then_batchnorm_computed(channels, width, kernel, stride, bias, affine, seed):
+    torch.manual_seed(seed)
+    block = nn.Sequential(
+        nn.Conv2d(channels, width, kernel, stride=stride, padding=kernel // 2, bias=bias),
+        nn.BatchNorm2d(width, affine=affine),
+        nn.ReLU(),
+    )
+    randomise_statistics(block, seed)
+    x = torch.randn(3, channels, 7, 7, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = block(x)
+        assert fold_batchnorm(block) == 1
+        actual = block(x)
+    assert isinstance(block[1], nn.Identity) and type(block[0]) is nn.Conv2d and block[0].bias is not None
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+class ShiftedConv(nn.Conv2d):
+    """A Conv2d subclass whose forward is not plain convolution: it must not be folded."""
+
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def test_only_exact_folds_happen():
+    untouched = [
+        nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False)),  # batch statistics
+        nn.Sequential(ShiftedConv(2, 3, 3), nn.BatchNorm2d(3)),  # not plain convolution
+        nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.BatchNorm2d(3)),  # something in between
+        nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 3, 3)),  # norm before conv
+    ]
+    for module in untouched:
+        before = copy.deepcopy(module.eval())
+        assert fold_batchnorm(module) == 0
+        assert [type(m) for m in module] == [type(m) for m in before]
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).train())
+
+
+def with_heads(backbone: nn.Module) -> EarlyExitNetwork:
+    ims = [IMS.build("pool_linear", spec=spec, num_classes=10) for spec in backbone.exit_specs]
+    gates = [GATES.build("uncertainty", num_classes=10) for _ in backbone.exit_specs]
+    return EarlyExitNetwork(backbone, ims, gates).eval()
+
+
+def test_the_cifar_resnet_folds_its_declared_pairs_and_keeps_its_outputs_and_costs():
+    torch.manual_seed(0)
+    backbone = randomise_statistics(BACKBONES.build("cifar_resnet", depth=8, num_classes=10, exit_every=1), 1).freeze()
+    network = with_heads(backbone)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    costs = measure_exit_costs(network, x[:2]).normalized
+    with torch.no_grad():
+        expected = network(x)
+        assert fold_frozen_batchnorm(network.backbone) == 1 + 3 * 2  # the stem and two per block
+        actual = network(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
+    assert not any(p.requires_grad for p in network.backbone.parameters())
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(measure_exit_costs(network, x[:2]).normalized, costs)  # mul-adds unchanged
+
+
+def test_a_folded_channels_last_network_exits_as_its_own_all_exits_pass_and_is_cached_apart():
+    plain = tiny_network(3)
+    randomise_statistics(plain.backbone, 2)
+    network = copy.deepcopy(plain)
+    to_channels_last(network.backbone)
+    assert fold_frozen_batchnorm(network.backbone) == 4  # one per block of the small CNN
+    assert uses_channels_last(network.backbone)  # the folded weights kept the backbone's layout
+    data = toy_data()
+    assert cache_key(network, data, "val", "") != cache_key(plain, data, "val", "")
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        medians = confidence(plain(x).logits[:-1], "max_prob").median(dim=-1).values
+        network.policy = ConfidenceThreshold("max_prob", medians.tolist())
+        expected = predict_from_outputs(network(x), network.policy)
+        torch.testing.assert_close(network(x).logits, plain(x).logits, atol=1e-4, rtol=1e-4)
+    result = network.early_exit(x)
+    assert torch.equal(result.exit_index, expected.exit_index)
+    torch.testing.assert_close(result.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_nothing_to_fold_is_said(caplog):
+    with caplog.at_level(logging.WARNING, logger="jei.batchnorm_folding"):
+        assert fold_frozen_batchnorm(nn.Sequential(nn.Linear(3, 2)).eval()) == 0
+    assert "trainer.fold_batchnorm: Sequential has no (Conv2d, BatchNorm2d) pair to fold" in caplog.text
+
+
+def test_trainer_fold_batchnorm_is_checked_and_folds_the_frozen_backbone(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from jei.build import build_backbone, build_data, build_objective, build_settings, network_factory
+    from jei.pipeline import prepare
+
+    with initialize_config_module("jei.configs", version_base="1.3"):
+        for trainer in ("default", "paper", "graph", "vit_cpu"):
+            assert build_settings(compose("train", overrides=[f"trainer={trainer}"])).fold_batchnorm is False
+        with pytest.raises(ConfigError, match="trainer.fold_batchnorm"):
+            build_settings(compose("train", overrides=["trainer.fold_batchnorm=2"]))
+        cfg = compose("train", overrides=["trainer.fold_batchnorm=true", "trainer.backbone.epochs=1",
+                                          f"paths.cache_dir={tmp_path / 'cache'}", "data.max_per_split=40"])
+    settings = dataclasses.replace(build_settings(cfg), device=CPU)
+    data = build_data(cfg.data)
+    make = network_factory(cfg.im, cfg.gate, data.num_classes, cfg.policy, build_objective(cfg.objective))
+    network, _, _, _, _ = prepare(data, build_backbone(cfg.backbone, data), make, settings, tmp_path / "run")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in network.backbone.modules())  # trained, then folded
+    saved = load_file(str(tmp_path / "run" / "backbone.safetensors"))
+    assert any("running_mean" in name for name in saved)  # the run keeps the trained weights
+
+
+def test_the_transforms_benchmark_times_every_variant_of_one_network():
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        import backbone_transforms as benchmark
+    finally:
+        sys.path.remove(benchmarks)
+    network = tiny_network(3, gate_bias=-0.5)
+    batches = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(2)]
+    result = benchmark.measure(network, batches, 2, time.perf_counter)
+    assert not uses_channels_last(network.backbone)  # the variants are transformed copies
+    assert any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
+    assert result["samples"] == 32 and set(result["variants"]) == set(benchmark.VARIANTS)
+    assert result["variants"]["NCHW"]["exits_changed"] == 0
+    for variant in result["variants"].values():
+        assert 0 <= variant["exits_changed"] <= 32 and variant["early_exit_over_plain_backbone"] > 0
+        for path in ("backbone", "early exit"):
+            assert variant[path]["images_per_second"] > 0 and variant[path]["time_over_plain"] > 0
