@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from early_exit_limit import build_setup, set_policy
+from early_exit_limit import add_setup_arguments, build_setup, set_policy
 from speed_common import CLOCKS, exit_costs, synchronizer, timed_call
 
 from jei.batchnorm_folding import fold_frozen_batchnorm
@@ -94,14 +94,7 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setups", nargs="+", default=["resnet56", "digits"])
-    parser.add_argument("--policies", nargs="+", default=["budgeted", "jei"])
-    parser.add_argument("--targets", nargs="+", type=float, default=[0.44, 0.72])
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=2, help="measured batches per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--fit-images", type=int, default=512, help="images that set the policy (not timed)")
-    parser.add_argument("--latency-images", type=int, default=100, help="single images per round (0: skip)")
+    add_setup_arguments(parser, setups=["resnet56", "digits"], latency_images=100)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")

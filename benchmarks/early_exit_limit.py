@@ -175,16 +175,21 @@ def set_policy(network: EarlyExitNetwork, kind: str, target: float, outputs: Exi
     raise SystemExit(f"unknown policy {kind!r}: choose budgeted or jei")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setups", nargs="+", default=["resnet56", "vit", "digits"])
+def add_setup_arguments(parser: argparse.ArgumentParser, setups: list[str], latency_images: int) -> None:
+    """The options of the scripts built on ``build_setup`` and ``set_policy``: what to run and how much."""
+    parser.add_argument("--setups", nargs="+", default=setups)
     parser.add_argument("--policies", nargs="+", default=["budgeted", "jei"])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.44, 0.72])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=2, help="measured batches per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--fit-images", type=int, default=512, help="images that set the policy (not timed)")
-    parser.add_argument("--latency-images", type=int, default=200, help="batch-1 images (0: skip)")
+    parser.add_argument("--latency-images", type=int, default=latency_images, help="batch-1 images (0: skip)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_arguments(parser, setups=["resnet56", "vit", "digits"], latency_images=200)
     parser.add_argument("--latency-repeats", type=int, default=1, help="passes over the batch-1 images")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",

@@ -137,7 +137,8 @@ def test_nothing_to_fold_is_said(caplog):
     assert "trainer.fold_batchnorm: Sequential has no (Conv2d, BatchNorm2d) pair to fold" in caplog.text
 
 
-def test_trainer_fold_batchnorm_is_checked_and_folds_the_frozen_backbone(tmp_path):
+@pytest.mark.parametrize("option", ["channels_last", "fold_batchnorm"])
+def test_the_backbone_transform_options_are_checked_and_applied_by_the_run(tmp_path, option):
     from hydra import compose, initialize_config_module
 
     from jei.build import build_backbone, build_data, build_objective, build_settings, network_factory
@@ -145,18 +146,23 @@ def test_trainer_fold_batchnorm_is_checked_and_folds_the_frozen_backbone(tmp_pat
 
     with initialize_config_module("jei.configs", version_base="1.3"):
         for trainer in ("default", "paper", "graph", "vit_cpu"):
-            assert build_settings(compose("train", overrides=[f"trainer={trainer}"])).fold_batchnorm is False
-        with pytest.raises(ConfigError, match="trainer.fold_batchnorm"):
-            build_settings(compose("train", overrides=["trainer.fold_batchnorm=2"]))
-        cfg = compose("train", overrides=["trainer.fold_batchnorm=true", "trainer.backbone.epochs=1",
+            assert getattr(build_settings(compose("train", overrides=[f"trainer={trainer}"])), option) is False
+        with pytest.raises(ConfigError, match=f"trainer.{option}"):
+            build_settings(compose("train", overrides=[f"trainer.{option}=sometimes"]))
+        cfg = compose("train", overrides=[f"trainer.{option}=true", "trainer.backbone.epochs=1",
                                           f"paths.cache_dir={tmp_path / 'cache'}", "data.max_per_split=40"])
     settings = dataclasses.replace(build_settings(cfg), device=CPU)
     data = build_data(cfg.data)
     make = network_factory(cfg.im, cfg.gate, data.num_classes, cfg.policy, build_objective(cfg.objective))
-    network, _, _, _, _ = prepare(data, build_backbone(cfg.backbone, data), make, settings, tmp_path / "run")
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in network.backbone.modules())  # trained, then folded
-    saved = load_file(str(tmp_path / "run" / "backbone.safetensors"))
-    assert any("running_mean" in name for name in saved)  # the run keeps the trained weights
+    network, _, splits, _, _ = prepare(data, build_backbone(cfg.backbone, data), make, settings, tmp_path / "run")
+    norms = [m for m in network.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    if option == "channels_last":
+        assert uses_channels_last(network.backbone) and norms
+    else:  # trained, then folded; the run folder keeps the trained weights
+        assert not norms and not uses_channels_last(network.backbone)
+        saved = load_file(str(tmp_path / "run" / "backbone.safetensors"))
+        assert any("running_mean" in name for name in saved)
+    assert splits["test"].pooled[0].is_contiguous()  # pooled features are plain [N, C] rows either way
 
 
 def test_the_transforms_benchmark_times_every_variant_of_one_network():

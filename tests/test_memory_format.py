@@ -5,15 +5,12 @@ rounding."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jei.backbone_cache import backbone_key
-from jei.errors import ConfigError
 from jei.features import cache_key, compute_split
 from jei.memory_format import is_channels_last, select_rows, to_channels_last, uses_channels_last
 from jei.model import predict_from_outputs
@@ -99,25 +96,3 @@ def test_both_caches_key_channels_last_apart_and_nchw_keys_are_unchanged():
     reference = compute_split(plain, data, "val", 8, CPU)
     for a, b in zip([*features.pooled, features.final_logits], [*reference.pooled, reference.final_logits]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_trainer_channels_last_is_checked_and_reaches_the_backbone(tmp_path):
-    from hydra import compose, initialize_config_module
-
-    from jei.build import build_backbone, build_data, build_objective, build_settings, network_factory
-    from jei.pipeline import prepare
-
-    with initialize_config_module("jei.configs", version_base="1.3"):
-        for trainer in ("default", "paper", "graph", "vit_cpu"):
-            assert build_settings(compose("train", overrides=[f"trainer={trainer}"])).channels_last is False
-        with pytest.raises(ConfigError, match="trainer.channels_last"):
-            build_settings(compose("train", overrides=["trainer.channels_last=sometimes"]))
-        cfg = compose("train", overrides=["trainer.channels_last=true", "trainer.train_backbone=false",
-                                          f"paths.cache_dir={tmp_path / 'cache'}", "data.max_per_split=40"])
-    settings = dataclasses.replace(build_settings(cfg), device=CPU)
-    assert settings.channels_last is True
-    data = build_data(cfg.data)
-    make = network_factory(cfg.im, cfg.gate, data.num_classes, cfg.policy, build_objective(cfg.objective))
-    network, _, splits, _, _ = prepare(data, build_backbone(cfg.backbone, data), make, settings, tmp_path / "run")
-    assert uses_channels_last(network.backbone)
-    assert splits["test"].pooled[0].is_contiguous()  # pooled features are plain [N, C] rows
