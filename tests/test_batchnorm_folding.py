@@ -174,12 +174,13 @@ def test_the_transforms_benchmark_times_every_variant_of_one_network():
         sys.path.remove(benchmarks)
     network = tiny_network(3, gate_bias=-0.5)
     batches = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(2)]
-    result = benchmark.measure(network, batches, 2, time.perf_counter)
-    assert not uses_channels_last(network.backbone)  # the variants are transformed copies
+    result = benchmark.measure(benchmark.variants(network), batches, 2, time.perf_counter)
+    assert not uses_channels_last(network.backbone)  # the variants transform copies of the backbone
     assert any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
     assert result["samples"] == 32 and set(result["variants"]) == set(benchmark.VARIANTS)
     assert result["variants"]["NCHW"]["exits_changed"] == 0
     for variant in result["variants"].values():
         assert 0 <= variant["exits_changed"] <= 32 and variant["early_exit_over_plain_backbone"] > 0
+        assert variant["warm_up_seconds"] > 0
         for path in ("backbone", "early exit"):
             assert variant[path]["images_per_second"] > 0 and variant[path]["time_over_plain"] > 0
