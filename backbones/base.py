@@ -63,6 +63,10 @@ class FrozenBackbone(nn.Module, ABC):
     def batch_size(self, inputs: Any) -> int:
         return len(inputs)
 
+    def replace_references(self, replaced: Mapping[nn.Module, nn.Module]) -> None:
+        """Modules of this backbone were swapped for others (``jei.batchnorm_folding``): update
+        any reference to them held outside the module tree. The base class holds none."""
+
     @torch.no_grad()
     def forward_exits(self, inputs: Any) -> BackboneOutput:
         """Every exit's representation and the final logits, in one pass.
@@ -174,6 +178,10 @@ class SequentialBackbone(FrozenBackbone):
         """Cut ``blocks`` (modules or callables, registered elsewhere) after each position."""
         self.segments = Segments(positions, len(blocks))
         self._segment_blocks = [list(blocks[self.segments.blocks(i)]) for i in range(len(self.segments))]
+
+    def replace_references(self, replaced: Mapping[nn.Module, nn.Module]) -> None:
+        # The segments' block lists hold the blocks themselves (e.g. the layers of a Sequential).
+        self._segment_blocks = [[replaced.get(block, block) for block in blocks] for blocks in self._segment_blocks]
 
     def segment_blocks(self, index: int) -> list[Any]:
         """The blocks segment ``index`` runs."""

@@ -15,7 +15,7 @@ from jei.build import build_backbone, build_data, build_settings, network_factor
 from jei.errors import ConfigError, cli_main, config_errors
 from jei.compare import Comparison, Method, crossfit_folds, markdown, memorisation_warnings, merge_gate, plot
 from jei.io import atomic_write, write_json
-from jei.pipeline import prepare, seed_everything
+from jei.pipeline import backbone_options, prepare, seed_everything
 from jei.validate import check_data
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def compare(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         make_network, folds, costs.normalized, settings, output_dir, float(cfg.alpha),
         fingerprint=str([to_plain(cfg.data), to_plain(cfg.backbone), to_plain(cfg.im), to_plain(cfg.gate),
                          to_plain(cfg.trainer.exits), protocol, int(cfg.folds) if protocol == "crossfit" else None]
-                        + (["ims on train"] if ims_on_train else [])),
+                        + (["ims on train"] if ims_on_train else []) + backbone_options(settings)),
     )
     result = comparison.run(methods, [float(c) for c in cfg.matched_costs], reference,
                             None if budget is None else float(budget), int(cfg.budget_iterations))

@@ -22,8 +22,14 @@ def to_channels_last(module: nn.Module) -> nn.Module:
 
 
 def is_channels_last(tensor: Tensor) -> bool:
-    """A 4-D tensor laid out channels-last and not also plain contiguous (e.g. 1x1 maps are both)."""
-    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+    """A 4-D tensor stored channels-last where that differs from plain NCHW. Compared on the exact
+    strides: ``is_contiguous`` ignores size-1 dimensions, so it calls a channels-last 1x1 kernel
+    or one-channel map contiguous in both layouts, although convolutions treat it as NHWC."""
+    if tensor.dim() != 4:
+        return False
+    _, channels, height, width = tensor.shape
+    nhwc = (height * width * channels, 1, width * channels, channels)
+    return tensor.stride() == nhwc and nhwc != (channels * height * width, height * width, width, 1)
 
 
 def uses_channels_last(module: nn.Module) -> bool:

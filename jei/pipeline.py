@@ -102,6 +102,18 @@ def config_options(settings: RunSettings, config: Mapping[str, Any] | None) -> R
     return dataclasses.replace(settings, **changes)
 
 
+# Settings added after runs with resumable checkpoints existed, with their defaults: left out of
+# the resume record while they hold them, so those runs still resume.
+LATER_SETTINGS = {"channels_last": False, "fold_batchnorm": False}
+
+
+def backbone_options(settings: RunSettings) -> list[str]:
+    """The settings that change how the backbone computes, where they are not the default (so
+    fingerprints made before they existed still hold)."""
+    defaults = {"precision": "fp32", "feature_dtype": "float32", **LATER_SETTINGS}
+    return [f"{name}={getattr(settings, name)}" for name, default in defaults.items() if getattr(settings, name) != default]
+
+
 def resume_record(settings: RunSettings, config: Mapping[str, Any] | None) -> dict[str, Any]:
     """What identifies a run for resuming it: its config (less ``jei.checkpoint.NOT_RESULTS``)
     and the settings that shape its results."""
@@ -110,6 +122,7 @@ def resume_record(settings: RunSettings, config: Mapping[str, Any] | None) -> di
         "settings": repr({
             f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
             if f.name not in ("feature_cache_dir", "backbone_cache_dir", "resume", "tensorboard")
+            and not (f.name in LATER_SETTINGS and getattr(settings, f.name) == LATER_SETTINGS[f.name])
         }),
         "ignored": list(NOT_RESULTS),
     }
@@ -249,7 +262,7 @@ def prepare(
             plot_training_curves(tracker.rows, Path(output_dir) / "training_curves.png")
     backbone.freeze()
     if settings.fold_batchnorm:
-        fold_frozen_batchnorm(backbone)
+        fold_frozen_batchnorm(backbone, warn=distributed.current().main)  # one process tells
 
     network = make_network(backbone).to(device)
     example, _ = next(iter(data.batches("test", 8)))

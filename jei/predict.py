@@ -260,7 +260,7 @@ def build_network(record: dict[str, Any], run_dir: str | Path) -> Any:
         to_channels_last(backbone)
     backbone.freeze()
     if trainer.get("fold_batchnorm"):
-        fold_frozen_batchnorm(backbone)
+        fold_frozen_batchnorm(backbone, warn=False)  # the run warned when it trained
     objective = build_objective(config["objective"])
     network = network_factory(config["im"], config["gate"], info["num_classes"], config.get("policy"), objective)(backbone)
     exits_path = _run_file(run_dir, record["files"]["exits"])

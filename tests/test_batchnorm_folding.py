@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 
+from jei.backbones.base import SequentialBackbone
 from jei.batchnorm_folding import fold_batchnorm, fold_frozen_batchnorm
 from jei.cost import measure_exit_costs
 from jei.errors import ConfigError
@@ -26,6 +27,7 @@ from jei.memory_format import to_channels_last, uses_channels_last
 from jei.model import EarlyExitNetwork, predict_from_outputs
 from jei.policies import ConfidenceThreshold, confidence
 from jei.registry import BACKBONES, GATES, IMS
+from jei.types import ExitSpec
 
 from .helpers import tiny_network
 from .test_cache_integrity import toy_data
@@ -87,6 +89,54 @@ def test_only_exact_folds_happen():
         assert [type(m) for m in module] == [type(m) for m in before]
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).train())
+    hooked = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).eval()
+    hooked[1].register_forward_hook(lambda *_: None)  # a fold would skip the hook
+    weight_normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(2, 3, 3)), nn.BatchNorm2d(3)).eval()
+    assert fold_batchnorm(hooked) == 0 and fold_batchnorm(weight_normed) == 0
+
+
+class Misdeclared(nn.Module):
+    batchnorm_pairs = (("conv", "norm"),)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+
+
+def test_a_misnamed_pair_is_an_error_that_names_it():
+    with pytest.raises(ValueError, match="Misdeclared.batchnorm_pairs names 'norm', which is not a module of it"):
+        fold_batchnorm(Misdeclared().eval())
+
+
+class FlatCNN(SequentialBackbone):
+    """An adapter whose segments are the single layers of one Sequential (conv, BN, ReLU, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = 3
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.head = nn.Linear(6, 3)
+        self.exit_specs = (ExitSpec(0, "features.2", "map", 4, 1),)
+        self.set_segments(list(self.features), [3])
+
+    def finish(self, state):
+        return self.head(state.mean(dim=(2, 3)))
+
+
+def test_a_backbone_holding_its_layers_runs_the_folded_ones():
+    backbone = randomise_statistics(FlatCNN(), 4).freeze()
+    x = torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = backbone(x)
+        assert fold_frozen_batchnorm(backbone) == 2
+        actual = backbone(x)
+    registered = set(backbone.modules())
+    blocks = [block for index in range(2) for block in backbone.segment_blocks(index)]
+    assert all(block in registered for block in blocks)  # no stale layer left in the segments
+    assert not any(isinstance(block, nn.BatchNorm2d) for block in blocks)
+    assert not any(m.training for m in backbone.modules())  # the Identity replacements too
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
 def with_heads(backbone: nn.Module) -> EarlyExitNetwork:
@@ -131,10 +181,26 @@ def test_a_folded_channels_last_network_exits_as_its_own_all_exits_pass_and_is_c
     torch.testing.assert_close(result.logits, expected.logits, atol=1e-5, rtol=1e-5)
 
 
-def test_nothing_to_fold_is_said(caplog):
+def test_nothing_to_fold_is_said_once(caplog):
     with caplog.at_level(logging.WARNING, logger="jei.batchnorm_folding"):
         assert fold_frozen_batchnorm(nn.Sequential(nn.Linear(3, 2)).eval()) == 0
-    assert "trainer.fold_batchnorm: Sequential has no (Conv2d, BatchNorm2d) pair to fold" in caplog.text
+        assert "trainer.fold_batchnorm: Sequential has no (Conv2d, BatchNorm2d) pair to fold" in caplog.text
+        caplog.clear()
+        assert fold_frozen_batchnorm(nn.Sequential(nn.Linear(3, 2)).eval(), warn=False) == 0  # jei-predict
+    assert not caplog.text
+
+
+def test_backbone_options_enter_fingerprints_only_when_set():
+    from jei.pipeline import RunSettings, backbone_options, resume_record
+    from jei.train import BackboneTraining, ExitTraining
+
+    plain = RunSettings(0, CPU, False, BackboneTraining(), ExitTraining(), None)
+    assert backbone_options(plain) == []  # jei-compare's fingerprint of runs made before the options
+    assert "channels_last" not in resume_record(plain, {})["settings"]  # jei-train runs still resume
+    changed = dataclasses.replace(plain, channels_last=True, fold_batchnorm=True, precision="bf16")
+    assert backbone_options(changed) == ["precision=bf16", "channels_last=True", "fold_batchnorm=True"]
+    assert resume_record(changed, {}) != resume_record(plain, {})
+    assert resume_record(dataclasses.replace(plain, fold_batchnorm=True), {}) != resume_record(plain, {})
 
 
 @pytest.mark.parametrize("option", ["channels_last", "fold_batchnorm"])

@@ -36,6 +36,16 @@ def test_select_rows_gathers_the_rows_and_keeps_the_layout(batch, channels, heig
         assert rows.is_contiguous(memory_format=layout)
 
 
+def test_one_by_one_kernels_and_one_channel_inputs_count_as_channels_last_once_converted():
+    """``is_contiguous`` calls such weights contiguous in both layouts, yet the convolution's output
+    layout (and its values, in the last bits) follows their strides."""
+    for conv in (torch.nn.Conv2d(4, 8, 1), torch.nn.Conv2d(1, 8, 3)):
+        module = torch.nn.Sequential(conv)
+        assert not uses_channels_last(module)
+        to_channels_last(module)
+        assert uses_channels_last(module) and is_channels_last(module(torch.randn(2, conv.in_channels, 5, 5)))
+
+
 def test_the_backbone_selects_rows_with_select_rows():
     network = tiny_network(0)
     maps = torch.randn(5, 3, 4, 4).contiguous(memory_format=torch.channels_last)
