@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from early_exit_limit import add_setup_arguments, build_setup, set_policy
-from speed_common import CLOCKS, exit_costs, synchronizer, timed_call
+from speed_common import CLOCKS, exit_costs, rotated, synchronizer, timed_call
 
 from jei.batchnorm_folding import fold_frozen_batchnorm
 from jei.memory_format import to_channels_last
@@ -108,8 +108,7 @@ def measure(
     keys = list(timed)
     seconds: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
     for round_index in range(rounds):
-        shift = round_index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
+        for key in rotated(keys, round_index):
             seconds[key].append(sum(timed_call(timed[key], x, sync, clock) for x in groups))
     samples = sum(len(x) for x in groups)
     results = {}

@@ -30,13 +30,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from jei.cost import measure_exit_costs
 from jei.model import EarlyExitNetwork, skippable_exits
+
+T = TypeVar("T")
 
 CLOCKS: dict[str, Callable[[], float]] = {
     "wall": time.perf_counter,
@@ -244,9 +246,10 @@ def _add_running(
     times["running"] += timed_running_segments(network, x, exit_index, sync, clock)
 
 
-def _rotated(steps: list[Callable[[], None]], shift: int) -> list[Callable[[], None]]:
-    shift %= len(steps)
-    return steps[shift:] + steps[:shift]
+def rotated(items: list[T], shift: int) -> list[T]:
+    """``items`` started at position ``shift`` (modulo their number): the order of one round."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
 
 
 @torch.inference_mode()
@@ -289,7 +292,7 @@ def measure_batches(
             ]
             if reference is not None:
                 steps.append(partial(_add_time, times, "reference", once, reference, x))
-            for step in _rotated(steps, round_index + batch_index):
+            for step in rotated(steps, round_index + batch_index):
                 step()
         full.append(times["backbone"])
         early.append(times["early"])
@@ -353,7 +356,7 @@ def measure_latency(
             steps = [lambda x=x: full.append(once(backbone, x)), lambda x=x: early.append(once(network.early_exit, x)), timed]
             if reference is not None:
                 steps.append(lambda x=x: references.append(once(reference, x)))
-            for step in _rotated(steps, position + repeat):
+            for step in rotated(steps, position + repeat):
                 step()
     segments, heads = _median_by_index(segment_rows), _median_by_index(head_rows)
     seg_shares, head_shares = _shares(segments, heads)

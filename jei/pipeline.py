@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from jei import distributed
 from jei.backbone_cache import trained_backbone
+from jei.batchnorm_folding import fold_frozen_batchnorm
 from jei.calibrate import (
     ConformalSettings,
     Scored,
@@ -44,9 +45,8 @@ from jei.data.base import DataSplits
 from jei.evaluate import exit_metrics
 from jei.features import AugmentedFeatures, CachedSplit, cached_split, to_device
 from jei.io import atomic_write, write_json
-from jei.model import EarlyExitNetwork, predict_from_outputs
-from jei.batchnorm_folding import fold_frozen_batchnorm
 from jei.memory_format import to_channels_last
+from jei.model import EarlyExitNetwork, predict_from_outputs
 from jei.precision import autocast
 from jei.plots import plot_accuracy_cost, plot_exit_histogram, plot_reliability, plot_training_curves
 from jei.predict import write_run_record
@@ -102,16 +102,21 @@ def config_options(settings: RunSettings, config: Mapping[str, Any] | None) -> R
     return dataclasses.replace(settings, **changes)
 
 
-# Settings added after runs with resumable checkpoints existed, with their defaults: left out of
-# the resume record while they hold them, so those runs still resume.
-LATER_SETTINGS = {"channels_last": False, "fold_batchnorm": False}
+# Settings added after runs with resumable checkpoints existed: left out of the resume record
+# while they hold their defaults, so those runs still resume.
+LATER_SETTINGS = ("channels_last", "fold_batchnorm")
+RUN_SETTING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunSettings) if f.default is not dataclasses.MISSING}
+
+
+def _is_default(settings: RunSettings, name: str) -> bool:
+    return getattr(settings, name) == RUN_SETTING_DEFAULTS[name]
 
 
 def backbone_options(settings: RunSettings) -> list[str]:
     """The settings that change how the backbone computes, where they are not the default (so
     fingerprints made before they existed still hold)."""
-    defaults = {"precision": "fp32", "feature_dtype": "float32", **LATER_SETTINGS}
-    return [f"{name}={getattr(settings, name)}" for name, default in defaults.items() if getattr(settings, name) != default]
+    names = ("precision", "feature_dtype", *LATER_SETTINGS)
+    return [f"{name}={getattr(settings, name)}" for name in names if not _is_default(settings, name)]
 
 
 def resume_record(settings: RunSettings, config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -122,7 +127,7 @@ def resume_record(settings: RunSettings, config: Mapping[str, Any] | None) -> di
         "settings": repr({
             f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
             if f.name not in ("feature_cache_dir", "backbone_cache_dir", "resume", "tensorboard")
-            and not (f.name in LATER_SETTINGS and getattr(settings, f.name) == LATER_SETTINGS[f.name])
+            and not (f.name in LATER_SETTINGS and _is_default(settings, f.name))
         }),
         "ignored": list(NOT_RESULTS),
     }

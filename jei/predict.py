@@ -235,8 +235,8 @@ def build_network(record: dict[str, Any], run_dir: str | Path) -> Any:
     from safetensors.torch import load_file
 
     from jei.backbones.base import load_state_dict_strict
-    from jei.build import build_backbone, build_objective, network_factory
     from jei.batchnorm_folding import fold_frozen_batchnorm
+    from jei.build import build_backbone, build_objective, network_factory
     from jei.memory_format import to_channels_last
     from jei.pipeline import load_exits_state
 

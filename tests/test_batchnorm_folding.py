@@ -24,12 +24,12 @@ from jei.cost import measure_exit_costs
 from jei.errors import ConfigError
 from jei.features import cache_key
 from jei.memory_format import to_channels_last, uses_channels_last
-from jei.model import EarlyExitNetwork, predict_from_outputs
+from jei.model import predict_from_outputs
 from jei.policies import ConfidenceThreshold, confidence
-from jei.registry import BACKBONES, GATES, IMS
+from jei.registry import BACKBONES
 from jei.types import ExitSpec
 
-from .helpers import tiny_network
+from .helpers import tiny_network, with_heads
 from .test_cache_integrity import toy_data
 
 CPU = torch.device("cpu")
@@ -139,16 +139,10 @@ def test_a_backbone_holding_its_layers_runs_the_folded_ones():
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
-def with_heads(backbone: nn.Module) -> EarlyExitNetwork:
-    ims = [IMS.build("pool_linear", spec=spec, num_classes=10) for spec in backbone.exit_specs]
-    gates = [GATES.build("uncertainty", num_classes=10) for _ in backbone.exit_specs]
-    return EarlyExitNetwork(backbone, ims, gates).eval()
-
-
 def test_the_cifar_resnet_folds_its_declared_pairs_and_keeps_its_outputs_and_costs():
     torch.manual_seed(0)
     backbone = randomise_statistics(BACKBONES.build("cifar_resnet", depth=8, num_classes=10, exit_every=1), 1).freeze()
-    network = with_heads(backbone)
+    network = with_heads(backbone, 10, gate_init=False)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     costs = measure_exit_costs(network, x[:2]).normalized
     with torch.no_grad():
