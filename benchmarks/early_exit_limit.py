@@ -2,13 +2,18 @@
 
     python benchmarks/early_exit_limit.py [--setups resnet56 vit digits] [--targets 0.44 0.72]
         [--policies budgeted jei] [--rounds 5] [--batches 2] [--latency-images 200] [--threads N]
-        [--clock wall|cpu] [--channels-last] [--fold-batchnorm] [--reference-rev REV] [--out results.json]
+        [--clock wall|cpu] [--channels-last] [--fold-batchnorm] [--native-exits] [--reference-rev REV]
+        [--out results.json]
 
 For each setup (backbone and data), exit policy and target cost, in one interleaved run
 (``speed_common``): each segment's share of the backbone's time and the latency-weighted
 ideal for the policy's exit distribution, the mul-add cost of those exits, and real early
 exit's time ratio against the backbone alone; images/s at batch 256 and p50/p99 latency at
 batch 1 (with the batch-1 ideal). Prints the README's tables and writes the JSON to ``--out``.
+
+``--native-exits`` runs real early exit with native exits (``jei.native_exits``) and times the
+Python path of the same network beside it, as the reference column; the exits that differ
+between the two are counted.
 
 Setups (random exit heads: timing does not depend on trained IMs):
 - ``resnet56``: the frozen CIFAR-10 ResNet-56 (Idelbayev's weights in the shared data folder),
@@ -123,6 +128,18 @@ def build_setup(
     return network, images, source
 
 
+def python_early_exit(network: EarlyExitNetwork) -> Callable[[Any], Any]:
+    """``network.early_exit`` with native exits off for the call (the reference of --native-exits)."""
+    def run(inputs: Any) -> Any:
+        network.native_exits = False
+        try:
+            return network.early_exit(inputs)
+        finally:
+            network.native_exits = True
+
+    return run
+
+
 def reference_early_exit(revision: str) -> Callable[[EarlyExitNetwork, Any], Any]:
     """``EarlyExitNetwork.early_exit`` as ``jei/model.py`` had it at git ``revision``, to time the
     current implementation against it in the same run (its module imports today's ``jei``)."""
@@ -198,6 +215,8 @@ def main() -> None:
                         help="the backbone's maps in NHWC (trainer.channels_last); backbone_transforms.py compares")
     parser.add_argument("--fold-batchnorm", action="store_true",
                         help="BatchNorm folded into the convolutions (trainer.fold_batchnorm)")
+    parser.add_argument("--native-exits", action="store_true",
+                        help="early exit with native exits, the Python path timed beside it as the reference")
     parser.add_argument("--reference-rev", default=None,
                         help="also time early_exit as it was at this git revision (e.g. 95dd08a), side by side")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
@@ -206,6 +225,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     clock = CLOCKS[args.clock]
+    if args.native_exits and args.reference_rev:
+        raise SystemExit("--native-exits and --reference-rev both set the reference column: give one")
     old_early_exit = reference_early_exit(args.reference_rev) if args.reference_rev else None
 
     rows: list[Row] = []
@@ -229,7 +250,13 @@ def main() -> None:
                 print(f"[{setup}] {label}, target cost {target} ...", file=sys.stderr, flush=True)
                 row = Row(setup, f"{kind} @ {target:.2f}", extra={"policy": label, "images": source})
                 reference = None if old_early_exit is None else types.MethodType(old_early_exit, network)
-                if reference is not None:  # it must agree with today's early exit
+                if args.native_exits:
+                    network.use_native_exits()
+                    reference = python_early_exit(network)
+                    row.extra["exits_differing_from_python"] = sum(
+                        int((network.early_exit(x).exit_index != reference(x).exit_index).sum()) for x in batches + singles
+                    )
+                if old_early_exit is not None:  # it must agree with today's early exit
                     for x in batches[:1] + singles[:8]:
                         old, new = reference(x), network.early_exit(x)
                         if not torch.equal(old.exit_index.cpu(), new.exit_index.cpu()) or not torch.equal(old.logits, new.logits):

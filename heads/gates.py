@@ -65,6 +65,14 @@ class UncertaintyGate(nn.Module):
             return self.linear(uncertainty_features(logits).to(self.linear.weight.dtype)).squeeze(-1)
         return self.step(logits, history)[0]
 
+    def native_form(self) -> tuple[Tensor, Tensor] | None:
+        """``(weight [1, 4], bias [1])`` of the paper's gate (Linear(4, 1) over the four
+        uncertainty features), what native exits compute (``jei.native_exits``); None for a
+        history gate."""
+        if self.reads_history or self.linear.bias is None:
+            return None
+        return self.linear.weight, self.linear.bias
+
     def step(self, logits: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(gate logit [B], history [B, 5 (l + 1)])`` from exit l's logits and the history of
         exits 0..l-1 (``None`` at exit 0): rows are samples, so a caller dropping samples

@@ -56,6 +56,14 @@ class PoolIM(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         return self.classifier(self.pool(features))
 
+    def native_form(self) -> tuple[str, int, Tensor, Tensor] | None:
+        """``(kind, pool_size, weight, bias)`` when the classifier is one linear layer with a bias
+        (what native exits compute, ``jei.native_exits``); None otherwise."""
+        linear = self.classifier
+        if type(linear) is not nn.Linear or linear.bias is None:
+            return None
+        return self.kind, self.pool_size, linear.weight, linear.bias
+
 
 class PoolLinearIM(PoolIM):
     """Global pooling + Linear(C, K): the paper's IM."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from jei.native_exits import NativeStep, load_kernel, native_plan, native_step
 from jei.policies import JEIRule
 from jei.types import EarlyExitResult, ExitOutputs, ExitPolicy
 
@@ -49,6 +51,21 @@ class EarlyExitNetwork(nn.Module):
         # Per-exit temperature (G IMs, then the head): every exit's logits are divided by it
         # before gates, policies and losses see them; 1 until fitted (``jei.temperature``).
         self.register_buffer("temperature", torch.ones(num_gates + 1))
+        self.native_exits = False  # ``use_native_exits``: real early exit's heads in C++
+        # (what the step was made for, the step or None, whether its parameters still qualify)
+        self._native_cache: tuple[tuple[Any, ...], NativeStep | None, Callable[[], bool]] | None = None
+
+    def use_native_exits(self, enabled: bool = True) -> EarlyExitNetwork:
+        """Run real early exit's heads natively (``jei.native_exits``), or not (False). Builds or
+        loads the kernel now, and raises a ``ValueError`` saying why when this network cannot
+        run natively (or ``NativeExitsUnavailable`` when the kernel cannot be built here)."""
+        if enabled:
+            plan = native_plan(self)
+            if isinstance(plan, str):
+                raise ValueError(f"native exits cannot run this network: {plan}. Run without them.")
+            load_kernel()
+        self.native_exits = bool(enabled)
+        return self
 
     @property
     def num_gates(self) -> int:
@@ -94,6 +111,29 @@ class EarlyExitNetwork(nn.Module):
     def forward(self, inputs: Any) -> ExitOutputs:
         return self.from_pooled(*self.pooled_features(inputs))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies and pickles leave the cached native step behind: it holds this network's tensors.
+        return {**super().__getstate__(), "_native_cache": None}
+
+    def _native_step(self) -> NativeStep | None:
+        """The native exits' step for the current policy and heads: made again only when these
+        changed (making it costs more than a batch-1 exit), None (with a warning) when they
+        cannot run natively."""
+        modules = self._modules
+        key = (self.policy, self.ensemble_decay, id(self._buffers["temperature"]),
+               *modules["ims"]._modules.values(), *modules["gates"]._modules.values())
+        cache = self._native_cache
+        if cache is None or cache[0] != key or not cache[2]():
+            plan = native_plan(self)
+            if isinstance(plan, str):
+                warnings.warn(f"native exits are on but cannot run this network ({plan}): running in Python", stacklevel=3)
+                self._native_cache = (key, None, lambda: True)
+            else:  # ``module.to`` keeps the Parameter objects: their dtype and device tell if it ran
+                weight = plan[0].weight
+                self._native_cache = (key, native_step(self.backbone.represent, plan, self.policy, self.temperature),
+                                      lambda: weight.dtype == torch.float32 and weight.device.type == "cpu")
+        return self._native_cache[1]
+
     @torch.no_grad()
     def early_exit(self, inputs: Any) -> EarlyExitResult:
         """Real early-exit inference: stop computing each sample at the exit it takes.
@@ -102,8 +142,13 @@ class EarlyExitNetwork(nn.Module):
         ``stream_exits`` says how the work per exit is kept small. ``exit_index`` is on the
         logits' device.
         """
-        backbone, ims, gates = self.backbone, list(self.ims), list(self.gates)
-        history = self.reads_history
+        backbone = self.backbone
+        native = self._native_step() if self.native_exits else None
+        if native is not None:  # (no ensemble or history gates: native_plan refuses them)
+            return stream_exits(backbone.begin(inputs), backbone.batch_size(inputs), len(self.ims),
+                                segment=backbone.run_segment, head=_unused, gate=_unused, select=backbone.select,
+                                policy=self.policy, temperature=self.temperature, native=native)
+        ims, gates, history = list(self.ims), list(self.gates), self.reads_history
         return stream_exits(
             backbone.begin(inputs),
             backbone.batch_size(inputs),
@@ -118,6 +163,10 @@ class EarlyExitNetwork(nn.Module):
             ensemble_decay=self.ensemble_decay,
             gate_history=history,
         )
+
+
+def _unused(*args: Any) -> Any:
+    raise AssertionError("native exits run the heads themselves")
 
 
 def gate_step(gate: nn.Module, logits: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -148,6 +197,7 @@ def stream_exits(
     temperature: Tensor,
     ensemble_decay: float = 0.0,
     gate_history: bool = False,
+    native: NativeStep | None = None,
 ) -> EarlyExitResult:
     """The real early-exit loop over a chain of parts, shared by ``EarlyExitNetwork.early_exit``
     and the exported chain (``jei.export``).
@@ -160,6 +210,8 @@ def stream_exits(
     as in ``EarlyExitNetwork.from_pooled``; ``policy`` decides who leaves. With
     ``gate_history`` (history gates, ``jei.types.HistoryGate``) ``gate(i, logits, history)``
     returns ``(gate logit, history)``, and the history is compacted with the samples.
+    ``native`` (``jei.native_exits.native_step``) replaces ``head``, ``gate``, the temperature and
+    ``policy.step`` with one call per exit that also counts who leaves.
 
     The work per exit is kept small:
     - one device-to-host read per exit (how many samples leave; plus one per call, which
@@ -177,7 +229,7 @@ def stream_exits(
     """
     read_gates = getattr(policy, "uses_gates", True)
     may_leave = skippable_exits(policy, ensemble_decay, gate_history)
-    unit = (temperature == 1).tolist()
+    unit: list[bool] | None = None  # which temperatures are exactly 1, read once when first needed
     running = total
     active: Tensor | None = None  # original positions of the running samples; None: all, in order
     decision: dict[str, Tensor] | None = None
@@ -193,21 +245,28 @@ def stream_exits(
             state = segment(index, state)
             if may_leave is not None and not may_leave(index):
                 continue
-            raw = combine(head(index, state), previous, ensemble_decay)
-            logits = raw if unit[index] else raw / temperature[index].to(raw.dtype)
-            if decision is None:
-                decision, dtype = policy.begin(total, logits.device), logits.dtype
-            if not read_gates:  # zeros for the running samples, made again only when they change
-                if no_gates is None or len(no_gates) != running:
-                    no_gates = logits.new_zeros(running)
-                gate_logit = no_gates
-            elif gate_history:
-                gate_logit, history = gate(index, logits, history)
+            if native is not None:  # head, temperature, gate, decision and count in one call
+                if decision is None:
+                    decision, dtype = policy.begin(total, torch.device("cpu")), torch.float32
+                logits, leaving, decision, count = native(index, state, decision)
+                raw = logits  # (no ensemble runs natively)
             else:
-                gate_logit = gate(index, logits)
-            leaving, decision = policy.step(index, logits, gate_logit, decision)
-            # The one device-to-host read of this exit.
-            count = int(leaving.item()) if running == 1 else int(leaving.sum())
+                raw = combine(head(index, state), previous, ensemble_decay)
+                unit = unit if unit is not None else [value == 1.0 for value in temperature.tolist()]
+                logits = raw if unit[index] else raw / temperature[index].to(raw.dtype)
+                if decision is None:
+                    decision, dtype = policy.begin(total, logits.device), logits.dtype
+                if not read_gates:  # zeros for the running samples, made again only when they change
+                    if no_gates is None or len(no_gates) != running:
+                        no_gates = logits.new_zeros(running)
+                    gate_logit = no_gates
+                elif gate_history:
+                    gate_logit, history = gate(index, logits, history)
+                else:
+                    gate_logit = gate(index, logits)
+                leaving, decision = policy.step(index, logits, gate_logit, decision)
+                # The one device-to-host read of this exit.
+                count = int(leaving.item()) if running == 1 else int(leaving.sum())
             if count == running:  # everyone left: no later segment runs
                 left.append((active, index, logits))
                 break
@@ -228,6 +287,7 @@ def stream_exits(
             final = segment(num_gates, state)
             dtype = final.dtype if dtype is None else dtype  # every exit skipped
             final = combine(final.to(dtype), previous, ensemble_decay)
+            unit = unit if unit is not None else [value == 1.0 for value in temperature.tolist()]
             scaled = final if unit[num_gates] else final / temperature[num_gates].to(final.dtype)
             left.append((active, num_gates, scaled))
     return _assemble(left, total, dtype)
@@ -253,7 +313,9 @@ def _assemble(left: list[tuple[Tensor | None, int, Tensor]], total: int, dtype: 
     positions, index, logits = left[0]
     if len(left) == 1 and positions is None:  # all left at one exit, before any compaction
         exit_index = torch.full((total,), index, dtype=torch.long, device=logits.device)
-        return EarlyExitResult(logits=logits.to(dtype, copy=True), exit_index=exit_index)
+        if logits.dtype != dtype or logits.is_inference():  # an ordinary tensor of its own for the caller
+            logits = logits.to(dtype, copy=True)
+        return EarlyExitResult(logits=logits, exit_index=exit_index)
     out = logits.new_empty((total, logits.shape[-1]), dtype=dtype)
     exit_index = torch.empty(total, dtype=torch.long, device=logits.device)
     for positions, index, logits in left:

@@ -61,6 +61,11 @@ class Policy:
     def fit(self, outputs: ExitOutputs, labels: Tensor, costs: Tensor) -> None:
         return None
 
+    def native_rule(self, index: int) -> tuple[str, float] | None:
+        """What ``step`` computes at exit ``index``, for native exits (``jei.native_exits``); None:
+        only the Python ``step`` can run it."""
+        return None
+
     def state_dict(self) -> State:
         return {}
 
@@ -85,6 +90,9 @@ class JEIRule(Policy):
         leaving, used = leaves_now(gate_prob, state["used"].to(gate_prob.dtype))
         return leaving, {"used": used}
 
+    def native_rule(self, index: int) -> tuple[str, float] | None:
+        return "jei", 0.0  # the state is {"used": the running gate sum}, as in ``step``
+
     def decide(self, outputs: ExitOutputs) -> Tensor:
         return first_exit(torch.sigmoid(outputs.gate_logits))
 
@@ -106,6 +114,9 @@ class GateThreshold(Policy):
 
     def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: State) -> tuple[Tensor, State]:
         return torch.sigmoid(gate_logit) >= self.threshold, state
+
+    def native_rule(self, index: int) -> tuple[str, float] | None:
+        return "gate_probability", self.threshold
 
     def decide(self, outputs: ExitOutputs) -> Tensor:
         return first_true(torch.sigmoid(outputs.gate_logits) >= self.threshold)
@@ -223,6 +234,10 @@ class ConfidenceThreshold(Policy):
     def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: State) -> tuple[Tensor, State]:
         position = self._position(index)  # first: it re-splits edited thresholds
         return self._score(logits, gate_logit) >= self._each[position], state
+
+    def native_rule(self, index: int) -> tuple[str, float] | None:
+        rule = {"max_prob": "max_prob", "entropy": "negative_entropy", "gate": "gate_logit"}[self.score]
+        return rule, float(self._each[self._position(index)])  # on the internal "higher is surer" scale
 
     def decide(self, outputs: ExitOutputs) -> Tensor:
         scores = self.scores(outputs).T

@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--json", type=Path, default=None, help="also write the predictions to this JSON file")
     parse.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parse.add_argument("--batch-size", type=int, default=None, help="inputs per early-exit batch (default: the run's)")
+    parse.add_argument("--native-exits", action="store_true",
+                       help="run each exit's head as one C++ call (jei.native_exits; CPU, built on first use)")
     return parse
 
 
@@ -70,6 +72,13 @@ def predict(args: argparse.Namespace) -> None:
         predictor = load(args.run, device=args.device)
     except (FileNotFoundError, ValueError, LookupError, ImportError) as err:
         raise ConfigError(f"cannot load the run {args.run}: {err}") from err
+    if args.native_exits:
+        from jei.native_exits import NativeExitsUnavailable
+
+        try:
+            predictor.network.use_native_exits()
+        except (ValueError, NativeExitsUnavailable) as err:
+            raise ConfigError(f"--native-exits: {err}", "native_exits") from err
     try:
         result = predictor.predict_files(args.inputs, alpha=args.alpha, sets=args.sets, batch_size=args.batch_size)
     except InputError:

@@ -90,6 +90,25 @@ class HistoryGate(Protocol):
         ...
 
 
+class NativeIM(Protocol):
+    """An IM native exits can run (``jei.native_exits``): ``native_form()`` returns
+    ``(kind, pool_size, weight [K, C'], bias [K])`` when the IM is exactly
+    ``linear(global_pool(representation, kind, pool_size), weight, bias)``
+    (``jei.heads.ims.global_pool``: a map's mean over a pool_size x pool_size grid, the tokens'
+    mean, the vector), and None otherwise. A subclass that changes ``forward`` or ``pool`` must override it too
+    (native exits refuse an IM whose ``native_form`` comes from another class than those)."""
+
+    def native_form(self) -> tuple[ExitKind, int, Tensor, Tensor] | None: ...
+
+
+class NativeGate(Protocol):
+    """A gate native exits can run: ``native_form()`` returns ``(weight [1, 4], bias [1])`` when the
+    gate logit is ``linear(uncertainty_features(logits), weight, bias)`` (the paper's gate,
+    ``jei.heads.uncertainty``), None otherwise; the same rule on overriding ``forward``."""
+
+    def native_form(self) -> tuple[Tensor, Tensor] | None: ...
+
+
 class ExitPolicy(Protocol):
     """The exit rule: turns each exit's outputs into "leave here or go on" (see ``jei.policies``).
 
@@ -120,6 +139,12 @@ class ExitPolicy(Protocol):
 
     def fit(self, outputs: ExitOutputs, labels: Tensor, costs: Tensor) -> None:
         """Choose data-dependent settings (thresholds) on the validation split; may do nothing."""
+        ...
+
+    def native_rule(self, index: int) -> tuple[str, float] | None:
+        """What ``step`` computes at exit ``index`` as ``(rule, threshold)`` for native exits
+        (``jei.native_exits.RULES``), or None (optional: a policy without it runs in Python).
+        The same rule on overriding ``step`` as for ``NativeIM``."""
         ...
 
     def state_dict(self) -> dict[str, Tensor]: ...

@@ -282,6 +282,20 @@ def test_python_api_on_raw_arrays_files_and_prepared_inputs(trained, test_pngs, 
 
 
 @pytest.mark.slow
+def test_jei_predict_with_native_exits_predicts_as_without(trained, test_pngs, tmp_path):
+    folder, _, _ = test_pngs
+    outputs = {}
+    for name, flags in (("python", ()), ("native", ("--native-exits",))):
+        result = run_command(script("jei-predict"), str(trained), str(folder), "--json", f"{name}.json", *flags,
+                             cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = json.loads((tmp_path / f"{name}.json").read_text())["predictions"]
+    for python, native in zip(outputs["python"], outputs["native"], strict=True):
+        assert (native["label"], native["exit"], native["set"]) == (python["label"], python["exit"], python["set"])
+        assert native["probabilities"] == pytest.approx(python["probabilities"], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_jei_predict_rejects_an_image_of_another_format_in_one_line(trained, tmp_path):
     bad = save_png(np.zeros((28, 28), np.uint8), tmp_path / "mnist_sized.png")
     result = run_command(script("jei-predict"), str(trained), str(bad), cwd=tmp_path)

@@ -1,0 +1,209 @@
+"""Native exits (``jei.native_exits``): the C++ exit step agrees with the Python path (logits to
+float rounding, the same decisions away from a threshold), for every pooling layout and rule, and
+for every built-in policy with a native rule on a whole network; networks it cannot run are
+refused with the reason, and the cached step follows edits to the network."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jei.heads.ims import PoolIM, global_pool
+from jei.heads.uncertainty import uncertainty_features
+from jei.memory_format import to_channels_last
+from jei.native_exits import POOLS, RULES, load_kernel, native_plan
+from jei.policies import ConfidenceThreshold, JEIRule, Patience
+from jei.registry import GATES, IMS
+
+from .helpers import tiny_network
+from .test_policies import fitted_policies
+
+TOLERANCE = 1e-4  # decisions are compared only for samples whose score is farther than this from the threshold
+
+
+def python_step(features, kind, grid, weight, bias, temperature, rule, threshold, gate_weight, gate_bias, used):
+    """What the Python path computes at one exit: (logits, leaving, used after, score - threshold)."""
+    logits = F.linear(global_pool(features, kind, grid), weight, bias) / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    if rule == "max_prob":
+        score = log_probs.amax(dim=-1).exp()
+    elif rule == "negative_entropy":
+        score = (log_probs.exp() * log_probs).sum(dim=-1)
+    else:
+        gate_logit = F.linear(uncertainty_features(logits), gate_weight, gate_bias).squeeze(-1)
+        score = gate_logit if rule == "gate_logit" else torch.sigmoid(gate_logit)
+    if rule != "jei":
+        return logits, score >= threshold, used, score - threshold
+    remaining = 1.0 - used
+    return logits, (remaining > 0) & (score >= 0.5 * remaining), used + score, score - 0.5 * remaining
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(["map", "channels_last", "tokens", "vector"]),
+    rule=st.sampled_from(sorted(RULES)),
+    batch=st.integers(1, 9),
+    channels=st.integers(1, 12),
+    side=st.integers(1, 5),
+    grid=st.integers(1, 3),
+    classes=st.integers(1, 7),
+    temperature=st.sampled_from([1.0, 0.7, 2.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_kernel_agrees_with_the_python_path(kind, rule, batch, channels, side, grid, classes, temperature, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"map": (batch, channels, side, side), "channels_last": (batch, channels, side, side),
+              "tokens": (batch, side, channels), "vector": (batch, channels)}
+    features = torch.randn(shapes[kind], generator=generator) * 2
+    if kind == "channels_last":
+        features = features.contiguous(memory_format=torch.channels_last)
+    pool = "map" if kind == "channels_last" else kind
+    grid = grid if pool == "map" else 1
+    weight, bias = torch.randn(classes, channels * grid**2, generator=generator), torch.randn(classes, generator=generator)
+    gate_weight, gate_bias = torch.randn(1, 4, generator=generator) * 3, torch.randn(1, generator=generator)
+    used = torch.rand(batch, generator=generator) * 1.2  # some samples with nothing left (r <= 0)
+    threshold = {"max_prob": 0.6, "negative_entropy": -0.5, "gate_logit": 0.3, "gate_probability": 0.55, "jei": 0.0}[rule]
+    temperatures = torch.tensor([3.0, temperature, 1.0])
+    logits, leaving, used_after, count = load_kernel().exit_step(
+        features, POOLS[pool], grid, weight, bias, temperatures, 1, RULES[rule], threshold, gate_weight, gate_bias,
+        used if rule == "jei" else torch.empty(0),
+    )
+    expected, expected_leaving, expected_used, margin = python_step(
+        features, pool, grid, weight, bias, temperature, rule, threshold, gate_weight, gate_bias, used)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    clear = margin.abs() > TOLERANCE
+    assert torch.equal(leaving[clear], expected_leaving[clear])
+    assert count == int(leaving.sum())
+    if rule == "jei":
+        torch.testing.assert_close(used_after, expected_used, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "pool_size_2"])
+def test_native_early_exit_agrees_with_python_for_every_policy_with_a_native_rule(layout):
+    network = tiny_network(3)
+    if layout == "pool_size_2":  # the default IM keeps a 2 x 2 grid of each map
+        torch.manual_seed(3)
+        for index, spec in enumerate(network.backbone.exit_specs):
+            network.ims[index] = IMS.build("pool_linear", spec=spec, num_classes=5, pool_size=2)
+    if layout == "channels_last":
+        to_channels_last(network.backbone)
+    generator = torch.Generator().manual_seed(1)
+    fit_inputs, inputs = torch.randn(96, 1, 8, 8, generator=generator), torch.randn(96, 1, 8, 8, generator=generator)
+    network.temperature.copy_(torch.tensor([1.3, 0.8, 1.0, 1.1]))
+    with torch.no_grad():
+        outputs = network(fit_inputs)
+    native = copy.deepcopy(network)
+    ran = []
+    # Fitted on other samples: a threshold fitted on these would sit exactly on one sample's
+    # score, which rounding may put on either side (the documented difference).
+    for policy in fitted_policies(outputs):
+        network.policy = native.policy = policy
+        if isinstance(native_plan(native), str):
+            assert isinstance(policy, Patience)  # the one built-in policy without a native rule
+            continue
+        native.use_native_exits()
+        for batch in (inputs, inputs[:1], inputs[5:6]):
+            expected, actual = network.early_exit(batch), native.early_exit(batch)
+            assert torch.equal(actual.exit_index, expected.exit_index), type(policy).__name__
+            torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
+            assert not actual.logits.is_inference() and not actual.exit_index.is_inference()
+        ran.append(type(policy).__name__)
+    assert {"JEIRule", "GateThreshold", "ConfidenceThreshold", "BudgetedThreshold", "PenalizedThreshold"} <= set(ran)
+
+
+def test_networks_native_exits_cannot_run_are_refused_with_the_reason():
+    network = tiny_network(0)
+    network.policy = Patience(2)
+    with pytest.raises(ValueError, match="Patience has no native_rule"):
+        network.use_native_exits()
+    network.policy = JEIRule()
+    network.ensemble_decay = 0.5
+    with pytest.raises(ValueError, match="ensemble"):
+        network.use_native_exits()
+    network.ensemble_decay = 0.0
+    spec = network.backbone.exit_specs[1]
+    network.ims[1] = IMS.build("pool_mlp", spec=spec, num_classes=5)
+    with pytest.raises(ValueError, match="IM 1 .PoolMLPIM. is not a mean pool and one linear layer"):
+        network.use_native_exits()
+
+    class Doubled(PoolIM):  # changes forward without describing itself again
+        def forward(self, features):
+            return 2 * super().forward(features)
+
+    network.ims[1] = Doubled(spec, torch.nn.Linear(spec.channels, 5))
+    with pytest.raises(ValueError, match="IM 1 .Doubled."):
+        network.use_native_exits()
+    network = tiny_network(0)
+    network.gates[2] = GATES.build("uncertainty", num_classes=5, history=1, index=2)
+    with pytest.raises(ValueError, match="history gates"):
+        network.use_native_exits()
+    network.double()
+    network.gates[2] = GATES.build("uncertainty", num_classes=5).double()
+    with pytest.raises(ValueError, match="not float32 on the CPU"):
+        network.use_native_exits()
+    assert not network.native_exits
+
+
+def test_a_network_that_stops_qualifying_warns_and_runs_in_python():
+    network = tiny_network(2).use_native_exits()
+    inputs = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    network.policy = Patience(1)
+    with pytest.warns(UserWarning, match="running in Python"):
+        result = network.early_exit(inputs)
+    with torch.no_grad():
+        assert torch.equal(result.exit_index, Patience(1).decide(network(inputs)))
+
+
+def test_the_native_step_follows_edits_copies_and_module_changes():
+    network = tiny_network(5)
+    inputs = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        outputs = network(inputs)
+    median = float(outputs.logits[0].softmax(-1).amax(-1).median())
+    network.policy = ConfidenceThreshold("max_prob", [float("inf")] * 3)
+    native = copy.deepcopy(network).use_native_exits()
+
+    def agree() -> None:
+        expected, actual = network.early_exit(inputs), native.early_exit(inputs)
+        assert torch.equal(actual.exit_index, expected.exit_index)
+        torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
+
+    agree()
+    for net in (network, native):  # thresholds edited in place
+        net.policy.thresholds[0] = median
+    agree()
+    assert (native.early_exit(inputs).exit_index == 0).any()
+    for net in (network, native):  # weights edited in place, temperatures fitted
+        with torch.no_grad():
+            net.ims[0].classifier.weight.mul_(1.5)
+        net.temperature.copy_(torch.tensor([0.5, 1.0, 1.0, 2.0]))
+    agree()
+    replacement = IMS.build("pool_linear", spec=network.backbone.exit_specs[0], num_classes=5)
+    network.ims[0], native.ims[0] = replacement, copy.deepcopy(replacement)  # a module replaced
+    agree()
+    for copied in (copy.deepcopy(native), pickle.loads(pickle.dumps(native))):  # copies run their own weights
+        assert copied.native_exits
+        with torch.no_grad():
+            copied.ims[0].classifier.bias.add_(100.0)  # class 0 certain at exit 0 on the copy only
+        assert (copied.early_exit(inputs).exit_index == 0).all()
+        agree()
+
+
+def test_the_kernel_rejects_inputs_it_cannot_run():
+    kernel = load_kernel().exit_step
+    empty = torch.empty(0)
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        kernel(torch.randn(2, 3, dtype=torch.float64), POOLS["vector"], 1, torch.randn(4, 3), torch.randn(4),
+               torch.ones(2), 0, RULES["max_prob"], 0.5, empty, empty, empty)
+    with pytest.raises(RuntimeError, match="weight is not"):
+        kernel(torch.randn(2, 3), POOLS["vector"], 1, torch.randn(4, 5), torch.randn(4), torch.ones(2), 0,
+               RULES["max_prob"], 0.5, empty, empty, empty)
+    with pytest.raises(RuntimeError, match="running gate sum"):
+        kernel(torch.randn(2, 3), POOLS["vector"], 1, torch.randn(4, 3), torch.randn(4), torch.ones(2), 0,
+               RULES["jei"], 0.0, torch.randn(1, 4), torch.randn(1), torch.zeros(3))
