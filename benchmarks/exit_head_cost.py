@@ -1,7 +1,7 @@
 """Where real early exit's time goes at an exit: the cost of one exit's head, against a segment.
 
     python benchmarks/exit_head_cost.py [--setups resnet56 digits] [--batch-sizes 1 256]
-        [--images 100] [--threads 1] [--clock cpu] [--compile] [--out heads.json]
+        [--images 100] [--threads 1] [--clock cpu] [--compile] [--native] [--out heads.json]
 
 An exit's head is what real early exit runs there besides the backbone: the IM on the
 backbone's representation, then either max-prob's step (softmax, max, compare) or the JEI gate
@@ -11,7 +11,8 @@ Each head is timed **cold**, as real early exit runs it: right after the backbon
 it, image batch after image batch; and **hot**, called back to back on one input (what a
 micro-benchmark sees). Both are reported per exit (median over exits and batches) and as a
 share of the median segment's time. ``--compile`` also times the same heads under
-``torch.compile`` (the compile itself is not timed). Setups, data and weights as in
+``torch.compile`` (the compile itself is not timed), ``--native`` as native exits run them
+(``jei.native_exits``: one kernel call that also counts who leaves). Setups, data and weights as in
 ``early_exit_limit.py``.
 """
 
@@ -33,10 +34,11 @@ from early_exit_limit import build_setup
 from speed_common import CLOCKS
 
 from jei.model import EarlyExitNetwork
+from jei.native_exits import native_plan, native_step
 from jei.policies import JEIRule, max_prob
 
 
-def heads(network: EarlyExitNetwork, batch_size: int, compiled: bool) -> dict[str, Callable[[int, Any], int]]:
+def heads(network: EarlyExitNetwork, batch_size: int, compiled: bool, native: bool) -> dict[str, Callable[[int, Any], int]]:
     """Named heads: ``head(index, state)``, ending in one host read (how many leave)."""
     backbone, ims, gates = network.backbone, network.ims, network.gates
     threshold, rule = max_prob(0.9), JEIRule()
@@ -55,6 +57,14 @@ def heads(network: EarlyExitNetwork, batch_size: int, compiled: bool) -> dict[st
 
     named = {"IM": im_only, "IM + max-prob": with_max_prob, "IM + JEI gate": with_jei_gate}
     timed = {name: (lambda index, state, fn=fn: int(fn(index, state).sum())) for name, fn in named.items()}
+    if native:  # the same heads as native exits run them: one kernel call, which also counts
+        for name, policy, decision in (("IM + max-prob", threshold, {}), ("IM + JEI gate", rule, {"used": used})):
+            network.policy = policy
+            plan = native_plan(network)
+            if isinstance(plan, str):
+                raise SystemExit(f"--native: {plan}")
+            step = native_step(backbone.represent, plan, policy, network.temperature)
+            timed[f"{name} (native)"] = lambda index, state, step=step, decision=decision: step(index, state, decision)[3]
     if compiled:  # one compiled program per exit (its shapes and modules), for this batch size
         for name, fn in named.items():
             per_exit = [torch.compile(functools.partial(fn, index), dynamic=False) for index in range(len(ims))]
@@ -64,9 +74,9 @@ def heads(network: EarlyExitNetwork, batch_size: int, compiled: bool) -> dict[st
 
 @torch.inference_mode()
 def measure(network: EarlyExitNetwork, images: torch.Tensor, batch_size: int, clock: Callable[[], float],
-            compiled: bool) -> dict[str, Any]:
+            compiled: bool, native: bool) -> dict[str, Any]:
     backbone = network.backbone
-    named = heads(network, batch_size, compiled)
+    named = heads(network, batch_size, compiled, native)
     batches = [images[start:start + batch_size] for start in range(0, len(images) - batch_size + 1, batch_size)]
     states = []  # every segment's input state of the first batch, for the hot timings and compiling
     state = backbone.begin(batches[0])
@@ -120,6 +130,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--compile", action="store_true", help="also time the heads under torch.compile")
+    parser.add_argument("--native", action="store_true", help="also time the heads as native exits run them")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -130,7 +141,7 @@ def main() -> None:
     for setup in args.setups:
         for batch_size in args.batch_sizes:
             network, images, _ = build_setup(setup, max(args.images, batch_size))
-            result = measure(network, images, batch_size, CLOCKS[args.clock], args.compile) | {"setup": setup}
+            result = measure(network, images, batch_size, CLOCKS[args.clock], args.compile, args.native) | {"setup": setup}
             results.append(result)
             for name, head in result["heads"].items():
                 print(f"| {setup} | {batch_size} | {name} | {head['cold_us']:.1f} ({100 * head['cold_share']:.1f}%) "

@@ -134,13 +134,13 @@ class EarlyExitNetwork(nn.Module):
                                       lambda: weight.dtype == torch.float32 and weight.device.type == "cpu")
         return self._native_cache[1]
 
-    @torch.no_grad()
     def early_exit(self, inputs: Any) -> EarlyExitResult:
         """Real early-exit inference: stop computing each sample at the exit it takes.
 
         Gives exactly the all-exits pass's exits and predictions (``predict_from_outputs``);
         ``stream_exits`` says how the work per exit is kept small. ``exit_index`` is on the
-        logits' device.
+        logits' device. (No ``no_grad`` here: ``stream_exits`` runs everything past ``begin``
+        under inference mode, and a frozen backbone's ``begin`` records nothing.)
         """
         backbone = self.backbone
         native = self._native_step() if self.native_exits else None
@@ -211,7 +211,8 @@ def stream_exits(
     ``gate_history`` (history gates, ``jei.types.HistoryGate``) ``gate(i, logits, history)``
     returns ``(gate logit, history)``, and the history is compacted with the samples.
     ``native`` (``jei.native_exits.native_step``) replaces ``head``, ``gate``, the temperature and
-    ``policy.step`` with one call per exit that also counts who leaves.
+    ``policy.step`` with one call per exit that also counts who leaves and orders the samples,
+    their logits and the policy state for compaction (no ``argsort`` or gathers of its own).
 
     The work per exit is kept small:
     - one device-to-host read per exit (how many samples leave; plus one per call, which
@@ -248,7 +249,7 @@ def stream_exits(
             if native is not None:  # head, temperature, gate, decision and count in one call
                 if decision is None:
                     decision, dtype = policy.begin(total, torch.device("cpu")), torch.float32
-                logits, leaving, decision, count = native(index, state, decision)
+                logits, order, decision, count = native(index, state, decision)
                 raw = logits  # (no ensemble runs natively)
             else:
                 raw = combine(head(index, state), previous, ensemble_decay)
@@ -273,13 +274,16 @@ def stream_exits(
             if count == 0:  # nobody left: nothing to compact
                 previous = raw
                 continue
-            # Staying samples first, then leaving ones, each in batch order: no further sync.
-            order = torch.argsort(leaving.to(torch.uint8), stable=True)
-            stay, leave = order[: running - count], order[running - count :]
-            left.append((leave if active is None else active.index_select(0, leave), index, logits.index_select(0, leave)))
+            staying = running - count
+            if native is None:  # staying samples first, then leaving ones, each in batch order: no further sync
+                order = torch.argsort(leaving.to(torch.uint8), stable=True)
+            stay, leave = order[:staying], order[staying:]
+            # Native exits give the logits and the policy state in that order already.
+            leaving_logits = logits[staying:] if native is not None else logits.index_select(0, leave)
+            left.append((leave if active is None else active.index_select(0, leave), index, leaving_logits))
             active = stay if active is None else active.index_select(0, stay)
-            running -= count
-            decision = {key: _take(value, stay) for key, value in decision.items()}
+            running = staying
+            decision = {key: value[:staying] if native is not None else _take(value, stay) for key, value in decision.items()}
             previous = raw.index_select(0, stay) if ensemble_decay != 0.0 else None
             history = history.index_select(0, stay) if history is not None else None
             state = select(state, stay)

@@ -37,7 +37,7 @@ RULES = {"max_prob": 0, "negative_entropy": 1, "gate_logit": 2, "gate_probabilit
 GATE_RULES = frozenset({"gate_logit", "gate_probability", "jei"})
 EMPTY = torch.empty(0)  # the kernel's "not used" argument
 
-NativeStep = Callable[[int, Any, dict[str, Tensor]], tuple[Tensor, Tensor, dict[str, Tensor], int]]
+NativeStep = Callable[[int, Any, dict[str, Tensor]], tuple[Tensor, Tensor | None, dict[str, Tensor], int]]
 
 
 class NativeExitsUnavailable(RuntimeError):
@@ -119,20 +119,23 @@ def native_plan(network: nn.Module) -> list[NativeExit] | str:
 
 
 def native_step(represent: Callable[[int, Any], Tensor], plan: list[NativeExit], policy: Any, temperature: Tensor) -> NativeStep:
-    """``step(index, state, decision) -> (logits, leaving, decision, count)`` for
+    """``step(index, state, decision) -> (logits, order, decision, count)`` for
     ``jei.model.stream_exits``: exit ``index``'s head, temperature, score or gate, decision and
     count in one kernel call. ``decision`` is the policy's streaming state (JEI's running gate
-    sum); the policy's thresholds are read at every call (``native_rule``), so edits are seen."""
+    sum). When some but not all samples leave, ``order`` lists the staying samples, then the
+    leaving ones (each in batch order), and the logits and the state come in that order; otherwise
+    ``order`` is None. The policy's thresholds are read at every call (``native_rule``), so edits
+    are seen."""
     kernel = load_kernel().exit_step
     jei = RULES["jei"]
 
-    def step(index: int, state: Any, decision: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor], int]:
+    def step(index: int, state: Any, decision: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, dict[str, Tensor], int]:
         exit_, (rule, threshold) = plan[index], policy.native_rule(index)
         code = RULES[rule]
-        logits, leaving, used, count = kernel(
+        logits, order, used, count = kernel(
             represent(index, state), exit_.pool, exit_.grid, exit_.weight, exit_.bias, temperature, index, code, threshold,
             exit_.gate_weight, exit_.gate_bias, decision["used"] if code == jei else EMPTY,
         )
-        return logits, leaving, ({"used": used} if code == jei else decision), count
+        return logits, order, ({"used": used} if code == jei else decision), count
 
     return step

@@ -123,6 +123,7 @@ class GateThreshold(Policy):
 
 
 SCORES = ("max_prob", "entropy", "gate")
+NATIVE_RULES = {"max_prob": "max_prob", "entropy": "negative_entropy", "gate": "gate_logit"}  # jei.native_exits.RULES
 
 
 def confidence(logits: Tensor, score: str) -> Tensor:
@@ -181,6 +182,7 @@ class ConfidenceThreshold(Policy):
         values = self._thresholds
         self._version = values._version  # an in-place edit of ``thresholds`` re-splits them
         self._each = values.cpu().unbind()
+        self._floats = values.tolist()  # the same values as Python floats, for native exits
         # A threshold of +inf on a bounded score (max-prob <= 1, -entropy <= 0) fires for nobody;
         # a gate logit is unbounded, so its exits are always asked.
         self._closed = [self.score != "gate" and value == float("inf") for value in values.tolist()]
@@ -236,8 +238,8 @@ class ConfidenceThreshold(Policy):
         return self._score(logits, gate_logit) >= self._each[position], state
 
     def native_rule(self, index: int) -> tuple[str, float] | None:
-        rule = {"max_prob": "max_prob", "entropy": "negative_entropy", "gate": "gate_logit"}[self.score]
-        return rule, float(self._each[self._position(index)])  # on the internal "higher is surer" scale
+        position = self._position(index)  # first: it re-splits edited thresholds
+        return NATIVE_RULES[self.score], self._floats[position]  # on the internal "higher is surer" scale
 
     def decide(self, outputs: ExitOutputs) -> Tensor:
         scores = self.scores(outputs).T

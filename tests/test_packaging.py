@@ -45,7 +45,8 @@ def test_cli_finds_its_configs_from_a_built_wheel(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("jei_dnn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("jei/configs/train.yaml", "jei/configs/backbone/small_cnn.yaml", "jei/conformal/__init__.py"):
+    for expected in ("jei/configs/train.yaml", "jei/configs/backbone/small_cnn.yaml", "jei/conformal/__init__.py",
+                     "jei/csrc/native_exits.cpp"):
         assert expected in names
     assert not any(name.split("/")[0] in ("backbones", "conformal", "configs") for name in names)
 

@@ -142,7 +142,10 @@ std::array<float, 4> uncertainty_features(const std::vector<float>& probs, const
 // linear layer. temperatures [G + 1]: every exit's (the network's buffer), index: this exit's. rule, threshold: the policy (see Rule;
 // thresholds on its "higher is surer" scale). gate_weight [1, 4], gate_bias [1]: the JEI gate
 // (rules that read it). used [B]: JEI's running gate sum (rule kJEI; otherwise empty).
-// Returns (logits [B, K], leaving [B] bool, used after this exit, how many leave).
+// Returns (logits [B, K], order, used after this exit, how many leave). When some but not all
+// leave, `order` [B] lists the staying samples, then the leaving ones, each in batch order, and
+// the logits and running gate sums come in that order; otherwise `order` is None and they are
+// in batch order.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> exit_step(
     const at::Tensor& features, int64_t pool, int64_t grid, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& temperatures, int64_t index,
     int64_t rule, double threshold, const at::Tensor& gate_weight, const at::Tensor& gate_bias, const at::Tensor& used) {
@@ -231,9 +234,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> exit_step(
   });
   int64_t count = 0;
   for (int64_t s = 0; s < batch; ++s) count += leaves[s];
-  return {logits, leaving, used_after, count};
+  if (count == 0 || count == batch) return {logits, at::Tensor(), used_after, count};  // nothing to compact
+  // Some leave: the staying samples first, then the leaving ones, each in batch order (what a
+  // stable argsort of `leaving` gives), with their logits and running gate sums in that order.
+  at::Tensor order = at::empty({batch}, input.options().dtype(at::kLong));
+  at::Tensor ordered_logits = at::empty_like(logits);
+  at::Tensor ordered_used = rule == kJEI ? at::empty_like(used_after) : used_after;
+  int64_t* positions = order.data_ptr<int64_t>();
+  float* ordered = ordered_logits.data_ptr<float>();
+  int64_t next_stay = 0, next_leave = batch - count;
+  for (int64_t s = 0; s < batch; ++s) {
+    const int64_t slot = leaves[s] ? next_leave++ : next_stay++;
+    positions[slot] = s;
+    std::copy(out + s * classes, out + (s + 1) * classes, ordered + slot * classes);
+    if (rule == kJEI) ordered_used.data_ptr<float>()[slot] = used_after.data_ptr<float>()[s];
+  }
+  return {ordered_logits, order, ordered_used, count};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("exit_step", &exit_step, "One exit of real early exit: IM, score or gate, decision, count");
+  module.def("exit_step", &exit_step, "One exit of real early exit: IM, score or gate, decision, order, count");
 }
