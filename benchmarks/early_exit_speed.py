@@ -1,14 +1,15 @@
 """Wall-clock speed of a trained run's real early exit against its full backbone, side by side.
 
     python benchmarks/early_exit_speed.py RUN_DIR [--rounds 3] [--batch-size 256] [--max-batches N]
-        [--latency-images 200] [--threads N] [--clock wall|cpu]
+        [--latency-images 200] [--threads N] [--clock wall|cpu] [--native-exits]
 
 RUN_DIR is a finished `jei-train` run (loaded with ``jei.build.load_run``, so any working
 directory works). On the same test batches, interleaved batch by batch (``speed_common``): the
 backbone alone, real early exit and a pass timed segment by segment; the result is their time
 ratio next to the mul-add cost of the exits taken and the latency-weighted ideal (each exit
 weighted by the share of the backbone's time spent up to it), images/s, and p50/p99 latency at
-batch 1. Writes RUN_DIR/benchmark_speed.json.
+batch 1. Writes RUN_DIR/benchmark_speed.json. ``--native-exits`` runs early exit with native
+exits and times the Python path beside it (the reference column), as ``early_exit_limit.py`` does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from early_exit_limit import python_early_exit
 from speed_common import CLOCKS, Row, as_dict, exit_costs, markdown_tables, measure_batches, measure_latency
 
 from jei.build import load_run, resolve_device
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time (use with --threads 1)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--native-exits", action="store_true",
+                        help="early exit with native exits, the Python path timed beside it as the reference")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,10 +55,12 @@ def main() -> None:
     costs = exit_costs(network, batches[0][:4] if isinstance(batches[0], torch.Tensor) else batches[0]).to("cpu")
     clock = CLOCKS[args.clock]
     row = Row(run_dir.name, str(type(network.policy).__name__))
-    row.batch = measure_batches(network, batches, args.rounds, costs, device, clock)
+    reference = python_early_exit(network.use_native_exits()) if args.native_exits else None
+    row.batch = measure_batches(network, batches, args.rounds, costs, device, clock, reference)
     if args.latency_images and isinstance(batches[0], torch.Tensor):
         images = torch.cat(batches)[: args.latency_images]
-        row.latency = measure_latency(network, [images[i : i + 1] for i in range(len(images))], costs, device, clock)
+        row.latency = measure_latency(network, [images[i : i + 1] for i in range(len(images))], costs, device, clock,
+                                      reference=reference)
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     b = row.batch
