@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jei.native_exits import NativeStep, load_kernel, native_plan, native_step
+from jei.native_exits import NativeExit, NativeStep, load_kernel, native_plan, native_step
 from jei.policies import JEIRule
 from jei.types import EarlyExitResult, ExitOutputs, ExitPolicy
 
@@ -52,8 +52,8 @@ class EarlyExitNetwork(nn.Module):
         # before gates, policies and losses see them; 1 until fitted (``jei.temperature``).
         self.register_buffer("temperature", torch.ones(num_gates + 1))
         self.native_exits = False  # ``use_native_exits``: real early exit's heads in C++
-        # (what the step was made for, the step or None, whether its parameters still qualify)
-        self._native_cache: tuple[tuple[Any, ...], NativeStep | None, Callable[[], bool]] | None = None
+        # (what the run was made for, the run or None, whether its parameters still qualify)
+        self._native_cache: tuple[tuple[Any, ...], Callable[[Any], EarlyExitResult] | None, Callable[[], bool]] | None = None
 
     def use_native_exits(self, enabled: bool = True) -> EarlyExitNetwork:
         """Run real early exit's heads natively (``jei.native_exits``), or not (False). Builds or
@@ -112,15 +112,15 @@ class EarlyExitNetwork(nn.Module):
         return self.from_pooled(*self.pooled_features(inputs))
 
     def __getstate__(self) -> dict[str, Any]:
-        # Copies and pickles leave the cached native step behind: it holds this network's tensors.
+        # Copies and pickles leave the cached native run behind: it holds this network's tensors.
         return {**super().__getstate__(), "_native_cache": None}
 
-    def _native_step(self) -> NativeStep | None:
-        """The native exits' step for the current policy and heads: made again only when these
-        changed (making it costs more than a batch-1 exit), None (with a warning) when they
-        cannot run natively."""
+    def _native_run(self) -> Callable[[Any], EarlyExitResult] | None:
+        """Real early exit with native exits, bound to the current backbone, policy and heads:
+        made again only when these changed (making it costs more than a batch-1 exit), None
+        (with a warning) when they cannot run natively."""
         modules = self._modules
-        key = (self.policy, self.ensemble_decay, id(self._buffers["temperature"]),
+        key = (modules["backbone"], self.policy, self.ensemble_decay, id(self._buffers["temperature"]),
                *modules["ims"]._modules.values(), *modules["gates"]._modules.values())
         cache = self._native_cache
         if cache is None or cache[0] != key or not cache[2]():
@@ -130,9 +130,20 @@ class EarlyExitNetwork(nn.Module):
                 self._native_cache = (key, None, lambda: True)
             else:  # ``module.to`` keeps the Parameter objects: their dtype and device tell if it ran
                 weight = plan[0].weight
-                self._native_cache = (key, native_step(self.backbone.represent, plan, self.policy, self.temperature),
+                self._native_cache = (key, self._bind_native(plan),
                                       lambda: weight.dtype == torch.float32 and weight.device.type == "cpu")
         return self._native_cache[1]
+
+    def _bind_native(self, plan: list[NativeExit]) -> Callable[[Any], EarlyExitResult]:
+        backbone, policy, temperature, num_gates = self.backbone, self.policy, self.temperature, self.num_gates
+        begin, batch_size, segment, select = backbone.begin, backbone.batch_size, backbone.run_segment, backbone.select
+        step = native_step(backbone.represent, plan, policy, temperature)
+
+        def run(inputs: Any) -> EarlyExitResult:  # (no ensemble or history gates: native_plan refuses them)
+            return stream_exits(begin(inputs), batch_size(inputs), num_gates, segment=segment, head=_unused,
+                                gate=_unused, select=select, policy=policy, temperature=temperature, native=step)
+
+        return run
 
     def early_exit(self, inputs: Any) -> EarlyExitResult:
         """Real early-exit inference: stop computing each sample at the exit it takes.
@@ -142,13 +153,10 @@ class EarlyExitNetwork(nn.Module):
         logits' device. (No ``no_grad`` here: ``stream_exits`` runs everything past ``begin``
         under inference mode, and a frozen backbone's ``begin`` records nothing.)
         """
-        backbone = self.backbone
-        native = self._native_step() if self.native_exits else None
-        if native is not None:  # (no ensemble or history gates: native_plan refuses them)
-            return stream_exits(backbone.begin(inputs), backbone.batch_size(inputs), len(self.ims),
-                                segment=backbone.run_segment, head=_unused, gate=_unused, select=backbone.select,
-                                policy=self.policy, temperature=self.temperature, native=native)
-        ims, gates, history = list(self.ims), list(self.gates), self.reads_history
+        native = self._native_run() if self.native_exits else None
+        if native is not None:
+            return native(inputs)
+        backbone, ims, gates, history = self.backbone, list(self.ims), list(self.gates), self.reads_history
         return stream_exits(
             backbone.begin(inputs),
             backbone.batch_size(inputs),
@@ -228,7 +236,7 @@ def stream_exits(
       skipped whole when no later exit reads it (no ensemble, no history gates);
     - a division by a temperature of exactly 1 is skipped (it would change nothing).
     """
-    read_gates = getattr(policy, "uses_gates", True)
+    read_gates = native is None and getattr(policy, "uses_gates", True)
     may_leave = skippable_exits(policy, ensemble_decay, gate_history)
     unit: list[bool] | None = None  # which temperatures are exactly 1, read once when first needed
     running = total

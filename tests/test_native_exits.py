@@ -177,7 +177,7 @@ def test_a_network_that_stops_qualifying_warns_and_runs_in_python():
         assert torch.equal(result.exit_index, Patience(1).decide(network(inputs)))
 
 
-def test_the_native_step_follows_edits_copies_and_module_changes():
+def test_native_exits_follow_edits_copies_and_module_changes():
     network = tiny_network(5)
     inputs = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
