@@ -170,11 +170,19 @@ def test_networks_native_exits_cannot_run_are_refused_with_the_reason():
 def test_a_network_that_stops_qualifying_warns_and_runs_in_python():
     network = tiny_network(2).use_native_exits()
     inputs = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    network.early_exit(inputs)
     network.policy = Patience(1)
     with pytest.warns(UserWarning, match="running in Python"):
         result = network.early_exit(inputs)
     with torch.no_grad():
         assert torch.equal(result.exit_index, Patience(1).decide(network(inputs)))
+    network.policy = JEIRule()
+    network.early_exit(inputs)
+    network.double()  # moved to float64 after the run was made: its parameters no longer qualify
+    with pytest.warns(UserWarning, match="not float32 on the CPU"):
+        result = network.early_exit(inputs.double())
+    with torch.no_grad():
+        assert torch.equal(result.exit_index, JEIRule().decide(network(inputs.double())))
 
 
 def test_native_exits_follow_edits_copies_and_module_changes():
