@@ -69,9 +69,10 @@ class UncertaintyGate(nn.Module):
         """``(weight [1, 4], bias [1])`` of the paper's gate (Linear(4, 1) over the four
         uncertainty features), what native exits compute (``jei.native_exits``); None for a
         history gate."""
-        if self.reads_history or self.linear.bias is None:
+        linear = self.linear
+        if self.reads_history or type(linear) is not nn.Linear or linear.bias is None or linear.weight.shape != (1, 4):
             return None
-        return self.linear.weight, self.linear.bias
+        return linear.weight, linear.bias
 
     def step(self, logits: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(gate logit [B], history [B, 5 (l + 1)])`` from exit l's logits and the history of

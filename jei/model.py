@@ -9,7 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jei.native_exits import NativeExit, NativeStep, load_kernel, native_plan, native_step
+from jei.native_exits import (
+    NativeExit,
+    NativeExitsChanged,
+    NativeExitsUnavailable,
+    NativeStep,
+    load_kernel,
+    native_plan,
+    native_step,
+)
 from jei.policies import JEIRule
 from jei.types import EarlyExitResult, ExitOutputs, ExitPolicy
 
@@ -52,8 +60,8 @@ class EarlyExitNetwork(nn.Module):
         # before gates, policies and losses see them; 1 until fitted (``jei.temperature``).
         self.register_buffer("temperature", torch.ones(num_gates + 1))
         self.native_exits = False  # ``use_native_exits``: real early exit's heads in C++
-        # (what the run was made for, the run or None, whether its parameters still qualify)
-        self._native_cache: tuple[tuple[Any, ...], Callable[[Any], EarlyExitResult] | None, Callable[[], bool]] | None = None
+        # (what the run was made for, the run or None: Python)
+        self._native_cache: tuple[tuple[Any, ...], Callable[[Any], EarlyExitResult] | None] | None = None
 
     def use_native_exits(self, enabled: bool = True) -> EarlyExitNetwork:
         """Run real early exit's heads natively (``jei.native_exits``), or not (False). Builds or
@@ -64,7 +72,7 @@ class EarlyExitNetwork(nn.Module):
             if isinstance(plan, str):
                 raise ValueError(f"native exits cannot run this network: {plan}. Run without them.")
             load_kernel()
-        self.native_exits = bool(enabled)
+        self.native_exits, self._native_cache = bool(enabled), None
         return self
 
     @property
@@ -117,31 +125,36 @@ class EarlyExitNetwork(nn.Module):
 
     def _native_run(self) -> Callable[[Any], EarlyExitResult] | None:
         """Real early exit with native exits, bound to the current backbone, policy and heads:
-        made again only when these changed (making it costs more than a batch-1 exit), None
-        (with a warning) when they cannot run natively."""
+        made again only when one of these is replaced (making it costs more than a batch-1
+        exit); None, with one warning, when they cannot run natively."""
         modules = self._modules
         key = (modules["backbone"], self.policy, self.ensemble_decay, id(self._buffers["temperature"]),
                *modules["ims"]._modules.values(), *modules["gates"]._modules.values())
         cache = self._native_cache
-        if cache is None or cache[0] != key or not cache[2]():
-            plan = native_plan(self)
-            if isinstance(plan, str):
+        if cache is None or cache[0] != key:
+            plan, run = native_plan(self), None
+            try:
+                run = self._bind_native(plan, key) if not isinstance(plan, str) else None
+            except NativeExitsUnavailable as error:  # e.g. a copy taken to a machine without a compiler
+                plan = str(error)
+            if run is None:
                 warnings.warn(f"native exits are on but cannot run this network ({plan}): running in Python", stacklevel=3)
-                self._native_cache = (key, None, lambda: True)
-            else:  # ``module.to`` keeps the Parameter objects: their dtype and device tell if it ran
-                weight = plan[0].weight
-                self._native_cache = (key, self._bind_native(plan),
-                                      lambda: weight.dtype == torch.float32 and weight.device.type == "cpu")
-        return self._native_cache[1]
+            self._native_cache = cache = (key, run)
+        return cache[1]
 
-    def _bind_native(self, plan: list[NativeExit]) -> Callable[[Any], EarlyExitResult]:
+    def _bind_native(self, plan: list[NativeExit], key: tuple[Any, ...]) -> Callable[[Any], EarlyExitResult]:
         backbone, policy, temperature, num_gates = self.backbone, self.policy, self.temperature, self.num_gates
         begin, batch_size, segment, select = backbone.begin, backbone.batch_size, backbone.run_segment, backbone.select
         step = native_step(backbone.represent, plan, policy, temperature)
 
         def run(inputs: Any) -> EarlyExitResult:  # (no ensemble or history gates: native_plan refuses them)
-            return stream_exits(begin(inputs), batch_size(inputs), num_gates, segment=segment, head=_unused,
-                                gate=_unused, select=select, policy=policy, temperature=temperature, native=step)
+            try:
+                return stream_exits(inputs, batch_size(inputs), num_gates, begin=begin, segment=segment, head=_unused,
+                                    gate=_unused, select=select, policy=policy, temperature=temperature, native=step)
+            except NativeExitsChanged as change:  # edited since: this call again in Python, and the next ones
+                self._native_cache = (key, None)
+                warnings.warn(f"native exits stopped running this network ({change}): running in Python", stacklevel=3)
+                return self._python_early_exit(inputs)
 
         return run
 
@@ -150,17 +163,19 @@ class EarlyExitNetwork(nn.Module):
 
         Gives exactly the all-exits pass's exits and predictions (``predict_from_outputs``);
         ``stream_exits`` says how the work per exit is kept small. ``exit_index`` is on the
-        logits' device. (No ``no_grad`` here: ``stream_exits`` runs everything past ``begin``
-        under inference mode, and a frozen backbone's ``begin`` records nothing.)
+        logits' device. With ``use_native_exits``, each exit's head runs in C++
+        (``jei.native_exits``).
         """
         native = self._native_run() if self.native_exits else None
-        if native is not None:
-            return native(inputs)
+        return native(inputs) if native is not None else self._python_early_exit(inputs)
+
+    def _python_early_exit(self, inputs: Any) -> EarlyExitResult:
         backbone, ims, gates, history = self.backbone, list(self.ims), list(self.gates), self.reads_history
         return stream_exits(
-            backbone.begin(inputs),
+            inputs,
             backbone.batch_size(inputs),
             self.num_gates,
+            begin=backbone.begin,
             segment=backbone.run_segment,
             head=lambda index, state: ims[index](backbone.represent(index, state)),
             gate=(lambda index, logits, past: gate_step(gates[index], logits, past)) if history
@@ -197,6 +212,7 @@ def stream_exits(
     total: int,
     num_gates: int,
     *,
+    begin: Callable[[Any], Any] | None = None,
     segment: Callable[[int, Any], Any],
     head: Callable[[int, Any], Tensor],
     gate: Callable[[int, Tensor], Tensor],
@@ -210,7 +226,8 @@ def stream_exits(
     """The real early-exit loop over a chain of parts, shared by ``EarlyExitNetwork.early_exit``
     and the exported chain (``jei.export``).
 
-    ``state`` is the input state (``backbone.begin(inputs)``) of ``total`` samples;
+    ``state`` is the input state (``backbone.begin(inputs)``) of ``total`` samples, or the inputs
+    with ``begin`` given (then run first, under inference mode with everything else);
     ``segment(i, state)`` advances it through segment i (segment ``num_gates``: the backbone's
     logits); ``head(i, state)`` is IM i's raw logits; ``gate(i, logits)`` gate i's logit;
     ``select(state, keep)`` the state of the samples at positions ``keep``. Exit i's logits are
@@ -250,6 +267,7 @@ def stream_exits(
     # Inference mode makes every small operation cheaper (no version counters, no autograd
     # dispatch); the result is assembled outside it, so callers get ordinary tensors.
     with torch.inference_mode():
+        state = state if begin is None else begin(state)
         for index in range(num_gates):
             state = segment(index, state)
             if may_leave is not None and not may_leave(index):

@@ -10,13 +10,15 @@ once, then cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_ex
     network.use_native_exits()          # builds or loads the kernel; raises if it cannot run
     result = network.early_exit(images)  # the backbone segments as before, the heads native
 
-The kernel computes in double and rounds to float where the Python path holds a float, so it
-agrees with the Python path to float rounding, not bit for bit: a sample whose score is within
-rounding of its threshold may take another exit (tested on random networks; counted by the
-speed benchmarks). It runs networks whose every exit has a ``NativeIM`` (a mean pool and one
+The kernel computes in float32 like the Python path, in another order, so it agrees with it to
+float rounding, not bit for bit: a sample whose score is within rounding of its threshold may
+take another exit (tested on random networks; counted by the speed benchmarks). A sample with a
+NaN or +inf logit never leaves, as its NaN scores never pass in Python. It runs networks whose every exit has a ``NativeIM`` (a mean pool and one
 linear layer), a ``NativeGate`` when the policy reads gates, and a policy with a
 ``native_rule`` (JEI's rule, gate thresholds, max-prob, entropy), on CPU float32 parameters,
-without ensembles or history gates. ``native_plan`` says why when a network does not qualify.
+without ensembles, history gates or forward hooks. ``native_plan`` says why when a network does
+not qualify. A network edited after ``use_native_exits`` so that it no longer qualifies warns
+once and runs in Python until ``use_native_exits`` is called again.
 """
 
 from __future__ import annotations
@@ -60,28 +62,37 @@ def load_kernel() -> Any:
         ) from error
 
 
+class NativeExitsChanged(RuntimeError):
+    """A head or the policy stopped being one native exits can run after the run was made (an
+    edit inside a module, a dtype or device change): the call is redone in Python."""
+
+
 @dataclass(frozen=True)
 class NativeExit:
-    """One exit's parameters for the kernel: the IM's pool and linear layer, the gate's (empty
-    when the policy does not read gates). The tensors are the modules' own parameters, so edits
-    in place and ``module.to`` are seen without making the plan again."""
+    """One exit's modules. Their ``native_form`` is read at every call that reaches the exit, so
+    edits inside them (a new classifier, new parameters, another ``pool_size``) are seen."""
 
-    pool: int
-    grid: int  # the IM's pool_size (maps)
-    weight: Tensor
-    bias: Tensor
-    gate_weight: Tensor
-    gate_bias: Tensor
+    im: nn.Module
+    gate: nn.Module
 
 
-def _same_author(obj: object, form: str, methods: tuple[str, ...]) -> bool:
-    """Whether ``form`` is defined by the same class as every one of ``methods``: a subclass that
-    changes what the component computes without describing it again is not run natively."""
+def _describes(obj: object, form: str, methods: tuple[str, ...]) -> bool:
+    """Whether the class that defines ``form`` also defines, or inherits unchanged, each of
+    ``methods``: a subclass that changes what a component computes without describing itself
+    again is not run natively."""
 
     def author(name: str) -> type | None:
         return next((cls for cls in type(obj).__mro__ if name in vars(cls)), None)
 
-    return all(author(name) is author(form) for name in methods)
+    described = author(form)
+    return described is not None and all(
+        (defined := author(name)) is None or issubclass(described, defined) for name in methods
+    )
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook on ``module`` or a submodule would see what native exits skip."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def native_plan(network: nn.Module) -> list[NativeExit] | str:
@@ -92,29 +103,31 @@ def native_plan(network: nn.Module) -> list[NativeExit] | str:
     if network.reads_history:
         return "history gates read the exits before their own"
     rule_of = getattr(policy, "native_rule", None)
-    if rule_of is None or not _same_author(policy, "native_rule", ("step",)):
+    if rule_of is None or not _describes(policy, "native_rule", ("step", "begin", "_score")):
         return f"the policy {type(policy).__name__} has no native_rule for its step"
-    if network.temperature.device.type != "cpu":
-        return "the network is not on the CPU"
+    if network.temperature.device.type != "cpu" or network.temperature.dtype != torch.float32:
+        return "the network's temperatures are not float32 on the CPU"
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return "global forward hooks are registered (native exits would skip them)"
     plan = []
     for index, (im, gate) in enumerate(zip(network.ims, network.gates)):
-        form = im.native_form() if _same_author(im, "native_form", ("forward", "pool")) else None
+        form = im.native_form() if _describes(im, "native_form", ("forward", "pool")) else None
         if form is None:
             return f"IM {index} ({type(im).__name__}) is not a mean pool and one linear layer with a bias"
-        kind, grid, weight, bias = form
         rule = rule_of(index)
         if rule is None or rule[0] not in RULES:
             return f"the policy {type(policy).__name__} gives no native rule at exit {index}"
-        gate_weight = gate_bias = EMPTY
+        tensors = list(form[2:])
         if rule[0] in GATE_RULES:
-            gate_form = gate.native_form() if _same_author(gate, "native_form", ("forward",)) else None
+            gate_form = gate.native_form() if _describes(gate, "native_form", ("forward", "step")) else None
             if gate_form is None:
                 return f"gate {index} ({type(gate).__name__}) is not the paper's Linear(4, 1) over uncertainty features"
-            gate_weight, gate_bias = gate_form
-        tensors = (weight, bias, gate_weight, gate_bias)
-        if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors if t is not EMPTY):
+            tensors += gate_form
+        if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
             return f"exit {index}'s parameters are not float32 on the CPU"
-        plan.append(NativeExit(POOLS[kind], grid, weight, bias, gate_weight, gate_bias))
+        if _hooked(im) or _hooked(gate):
+            return f"exit {index}'s IM or gate has forward hooks (native exits would skip them)"
+        plan.append(NativeExit(im, gate))
     return plan
 
 
@@ -124,18 +137,27 @@ def native_step(represent: Callable[[int, Any], Tensor], plan: list[NativeExit],
     count in one kernel call. ``decision`` is the policy's streaming state (JEI's running gate
     sum). When some but not all samples leave, ``order`` lists the staying samples, then the
     leaving ones (each in batch order), and the logits and the state come in that order; otherwise
-    ``order`` is None. The policy's thresholds are read at every call (``native_rule``), so edits
-    are seen."""
+    ``order`` is None. The heads' forms and the policy's thresholds are read at every call, so
+    edits are seen; ``NativeExitsChanged`` when they no longer run natively."""
     kernel = load_kernel().exit_step
     jei = RULES["jei"]
 
     def step(index: int, state: Any, decision: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, dict[str, Tensor], int]:
-        exit_, (rule, threshold) = plan[index], policy.native_rule(index)
-        code = RULES[rule]
-        logits, order, used, count = kernel(
-            represent(index, state), exit_.pool, exit_.grid, exit_.weight, exit_.bias, temperature, index, code, threshold,
-            exit_.gate_weight, exit_.gate_bias, decision["used"] if code == jei else EMPTY,
-        )
+        exit_ = plan[index]
+        rule, threshold = policy.native_rule(index)
+        form, code = exit_.im.native_form(), RULES.get(rule)
+        gate_form = exit_.gate.native_form() if rule in GATE_RULES else (EMPTY, EMPTY)
+        if form is None or gate_form is None or code is None:
+            raise NativeExitsChanged(f"exit {index}'s IM, gate or rule is no longer one native exits run")
+        kind, grid, weight, bias = form
+        features = represent(index, state)
+        try:
+            logits, order, used, count = kernel(
+                features, POOLS[kind], grid, weight, bias, temperature, index, code, threshold, *gate_form,
+                decision["used"] if code == jei else EMPTY,
+            )
+        except RuntimeError as error:  # the kernel refuses its inputs (dtype, device, shapes)
+            raise NativeExitsChanged(str(error)) from error
         return logits, order, ({"used": used} if code == jei else decision), count
 
     return step

@@ -95,8 +95,9 @@ class NativeIM(Protocol):
     ``(kind, pool_size, weight [K, C'], bias [K])`` when the IM is exactly
     ``linear(global_pool(representation, kind, pool_size), weight, bias)``
     (``jei.heads.ims.global_pool``: a map's mean over a pool_size x pool_size grid, the tokens'
-    mean, the vector), and None otherwise. A subclass that changes ``forward`` or ``pool`` must override it too
-    (native exits refuse an IM whose ``native_form`` comes from another class than those)."""
+    mean, the vector), and None otherwise. Native exits read it at every call. A subclass that
+    changes ``forward`` or ``pool`` must describe itself again: an IM whose ``forward`` or
+    ``pool`` is overridden below the class that defines ``native_form`` is refused."""
 
     def native_form(self) -> tuple[ExitKind, int, Tensor, Tensor] | None: ...
 
@@ -104,7 +105,7 @@ class NativeIM(Protocol):
 class NativeGate(Protocol):
     """A gate native exits can run: ``native_form()`` returns ``(weight [1, 4], bias [1])`` when the
     gate logit is ``linear(uncertainty_features(logits), weight, bias)`` (the paper's gate,
-    ``jei.heads.uncertainty``), None otherwise; the same rule on overriding ``forward``."""
+    ``jei.heads.uncertainty``), None otherwise; the same rule on overriding ``forward`` and ``step``."""
 
     def native_form(self) -> tuple[Tensor, Tensor] | None: ...
 
@@ -144,7 +145,7 @@ class ExitPolicy(Protocol):
     def native_rule(self, index: int) -> tuple[str, float] | None:
         """What ``step`` computes at exit ``index`` as ``(rule, threshold)`` for native exits
         (``jei.native_exits.RULES``), or None (optional: a policy without it runs in Python).
-        The same rule on overriding ``step`` as for ``NativeIM``."""
+        The same rule on overriding ``step``, ``begin`` and ``_score`` as for ``NativeIM``."""
         ...
 
     def state_dict(self) -> dict[str, Tensor]: ...

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -232,3 +233,83 @@ def test_the_kernel_rejects_inputs_it_cannot_run():
     with pytest.raises(RuntimeError, match="running gate sum"):
         kernel(torch.randn(2, 3), POOLS["vector"], 1, torch.randn(4, 3), torch.randn(4), torch.ones(2), 0,
                RULES["jei"], 0.0, torch.randn(1, 4), torch.randn(1), torch.zeros(3))
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_non_finite_logits_never_leave_as_in_python(rule):
+    """A NaN or +inf logit makes Python's scores NaN, which pass no threshold; -inf is an ordinary
+    zero probability (except to the entropy, 0 * -inf = NaN in Python)."""
+    features = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3.0, 0.0], [1.0, -1.0], [0.5, 0.5]])
+    weight = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0])
+    weight_inf = weight.clone()
+    weight_inf[2, 0] = float("inf")  # +inf logit where feature 0 > 0, -inf where < 0, NaN at 0
+    gate_weight, gate_bias = torch.tensor([[1.0, -1.0, 2.0, 0.5]]), torch.tensor([3.0])  # leaves when features are 0
+    threshold = {"max_prob": 0.0, "negative_entropy": -10.0, "gate_logit": -10.0, "gate_probability": 0.0, "jei": 0.0}[rule]
+    for w in (weight, weight_inf):
+        batch = torch.cat([features, -features[3:4]])
+        used = torch.zeros(len(batch))
+        logits, order, used_after, count = load_kernel().exit_step(
+            batch, POOLS["vector"], 1, w, bias, torch.ones(2), 0, RULES[rule], threshold, gate_weight, gate_bias,
+            used if rule == "jei" else torch.empty(0),
+        )
+        logits, leaving, used_after = in_batch_order(logits, order, used_after, count, len(batch))
+        expected = python_step(batch, "vector", 1, w, bias, 1.0, rule, threshold, gate_weight, gate_bias, used)
+        assert torch.equal(leaving, expected[1]), (w is weight_inf, leaving, expected[1])
+        if rule == "jei":
+            assert torch.equal(used_after.isnan(), expected[2].isnan())
+
+
+def test_edits_inside_heads_are_seen_or_fall_back_to_python():
+    network = tiny_network(7)
+    inputs = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    network.policy = JEIRule()
+    native = copy.deepcopy(network).use_native_exits()
+    native.early_exit(inputs)
+    spec = network.backbone.exit_specs[0]
+    replacement = torch.nn.Linear(spec.channels, 5)
+    with torch.no_grad():
+        replacement.bias.copy_(torch.tensor([40.0, 0, 0, 0, 0]))  # certain of class 0 at exit 0
+    network.ims[0].classifier, native.ims[0].classifier = replacement, copy.deepcopy(replacement)
+    expected, actual = network.early_exit(inputs), native.early_exit(inputs)
+    assert torch.equal(actual.exit_index, expected.exit_index)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    mlp = torch.nn.Sequential(torch.nn.Linear(spec.channels, 5))
+    network.ims[0].classifier, native.ims[0].classifier = mlp, copy.deepcopy(mlp)  # no longer native
+    with pytest.warns(UserWarning, match="stopped running this network"):
+        actual = native.early_exit(inputs)
+    assert torch.equal(actual.exit_index, network.early_exit(inputs).exit_index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the next calls run in Python without warning again
+        native.early_exit(inputs)
+
+
+def test_hooks_overridden_scores_and_float64_temperatures_are_refused():
+    network = tiny_network(1)
+    handle = network.ims[2].classifier.register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="exit 2's IM or gate has forward hooks"):
+        network.use_native_exits()
+    handle.remove()
+
+    class Shifted(ConfidenceThreshold):  # changes the score without describing itself again
+        def _score(self, logits, gate_logit):
+            return super()._score(logits, gate_logit) + 0.1
+
+    network.policy = Shifted("max_prob", 0.5)
+    with pytest.raises(ValueError, match="Shifted has no native_rule"):
+        network.use_native_exits()
+    network.policy = JEIRule()
+    network.temperature = network.temperature.double()
+    with pytest.raises(ValueError, match="temperatures are not float32"):
+        network.use_native_exits()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_early_exit_records_no_graph_under_grad_mode(native):
+    network = tiny_network(4)
+    if native:
+        network.use_native_exits()
+    inputs = torch.randn(16, 1, 8, 8, requires_grad=True)
+    with torch.enable_grad():
+        result = network.early_exit(inputs)
+    assert not result.logits.requires_grad and result.logits.grad_fn is None

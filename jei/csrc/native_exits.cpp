@@ -149,8 +149,9 @@ std::array<float, 4> uncertainty_features(const std::vector<float>& probs, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> exit_step(
     const at::Tensor& features, int64_t pool, int64_t grid, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& temperatures, int64_t index,
     int64_t rule, double threshold, const at::Tensor& gate_weight, const at::Tensor& gate_bias, const at::Tensor& used) {
-  TORCH_CHECK(features.device().is_cpu() && features.scalar_type() == at::kFloat,
-              "native exits run on float32 CPU tensors; got ", features.scalar_type(), " on ", features.device());
+  for (const at::Tensor* tensor : {&features, &weight, &bias, &temperatures, &gate_weight, &gate_bias, &used})
+    TORCH_CHECK(!tensor->defined() || tensor->numel() == 0 || (tensor->device().is_cpu() && tensor->scalar_type() == at::kFloat),
+                "native exits run on float32 CPU tensors; got ", tensor->scalar_type(), " on ", tensor->device());
   TORCH_CHECK(pool >= kMap && pool <= kVector && rule >= kMaxProb && rule <= kJEI && grid >= 1,
               "native exits: bad pool, grid or rule code");
   const int64_t dims = pool == kMap ? 4 : pool == kTokens ? 3 : 2;
@@ -186,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> exit_step(
   const float* biases = b.data_ptr<float>();
   const float* gate_params = reads_gate ? gw.data_ptr<float>() : nullptr;
   const float gate_bias_value = reads_gate ? gb.data_ptr<float>()[0] : 0.0f;
-  const at::Tensor used_before = rule == kJEI ? used.to(at::kFloat).contiguous() : used;
+  const at::Tensor used_before = rule == kJEI ? used.contiguous() : used;
 
   // Ordinary tensors even under inference mode: the caller gets them as they are.
   c10::InferenceMode ordinary_outputs(false);
@@ -209,6 +210,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> exit_step(
         for (int64_t c = 0; c < channels; ++c) total += row[c] * pooled[c];
         z[k] = total + biases[k];
         if (temperature != 1.0f) z[k] = z[k] / temperature;
+      }
+      // A NaN or +inf logit makes every score NaN in Python (log_softmax), and a NaN never
+      // passes a threshold: such a sample stays, and JEI's running sum becomes NaN (so it never
+      // leaves later either). -inf logits are ordinary zero probabilities, except to the
+      // entropy score, which Python computes as 0 * -inf = NaN.
+      bool defined = true, minus_infinity = false;
+      for (int64_t k = 0; k < classes; ++k) {
+        defined = defined && !std::isnan(z[k]) && z[k] != std::numeric_limits<float>::infinity();
+        minus_infinity = minus_infinity || z[k] == -std::numeric_limits<float>::infinity();
+      }
+      if (!defined || (rule == kNegativeEntropy && minus_infinity)) {
+        leaves[s] = false;
+        if (rule == kJEI) used_after.data_ptr<float>()[s] = std::numeric_limits<float>::quiet_NaN();
+        continue;
       }
       const float total = softmax(z, classes, probs, log_probs);
       if (rule == kMaxProb || rule == kNegativeEntropy) {
