@@ -69,10 +69,13 @@ class UncertaintyGate(nn.Module):
         """``(weight [1, 4], bias [1])`` of the paper's gate (Linear(4, 1) over the four
         uncertainty features), what native exits compute (``jei.native_exits``); None for a
         history gate."""
-        linear = self.linear
-        if self.reads_history or type(linear) is not nn.Linear or linear.bias is None or linear.weight.shape != (1, 4):
+        linear = self._modules["linear"]  # module dicts: native exits call this at every exit they reach
+        if self.reads_history or type(linear) is not nn.Linear:
             return None
-        return linear.weight, linear.bias
+        weight, bias = linear._parameters.get("weight"), linear._parameters.get("bias")
+        if weight is None or bias is None or weight.shape != (1, 4):
+            return None
+        return weight, bias
 
     def step(self, logits: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(gate logit [B], history [B, 5 (l + 1)])`` from exit l's logits and the history of

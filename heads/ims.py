@@ -59,10 +59,14 @@ class PoolIM(nn.Module):
     def native_form(self) -> tuple[str, int, Tensor, Tensor] | None:
         """``(kind, pool_size, weight, bias)`` when the classifier is one linear layer with a bias
         (what native exits compute, ``jei.native_exits``); None otherwise."""
-        linear = self.classifier
-        if type(linear) is not nn.Linear or linear.bias is None:
+        # Read from the module dicts: native exits call this at every exit they reach.
+        linear = self._modules["classifier"]
+        if type(linear) is not nn.Linear:  # (a parametrized Linear is a subclass)
             return None
-        return self.kind, self.pool_size, linear.weight, linear.bias
+        weight, bias = linear._parameters.get("weight"), linear._parameters.get("bias")
+        if weight is None or bias is None:  # e.g. a hook-based weight norm computes the weight
+            return None
+        return self.kind, self.pool_size, weight, bias
 
 
 class PoolLinearIM(PoolIM):

@@ -313,3 +313,14 @@ def test_early_exit_records_no_graph_under_grad_mode(native):
     with torch.enable_grad():
         result = network.early_exit(inputs)
     assert not result.logits.requires_grad and result.logits.grad_fn is None
+
+
+def test_a_weight_norm_added_after_switching_on_falls_back_to_python():
+    network = tiny_network(9).use_native_exits()
+    inputs = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(10))
+    network.early_exit(inputs)
+    torch.nn.utils.parametrizations.weight_norm(network.ims[1].classifier)  # a computed weight
+    with pytest.warns(UserWarning, match="stopped running this network"):
+        actual = network.early_exit(inputs)
+    network.native_exits = False
+    assert torch.equal(actual.exit_index, network.early_exit(inputs).exit_index)
