@@ -164,7 +164,7 @@ class EarlyExitNetwork(nn.Module):
         Gives exactly the all-exits pass's exits and predictions (``predict_from_outputs``);
         ``stream_exits`` says how the work per exit is kept small. ``exit_index`` is on the
         logits' device. With ``use_native_exits``, each exit's head runs in C++
-        (``jei.native_exits``).
+        (``jei.native_exits``), which agrees with the all-exits pass to float rounding.
         """
         native = self._native_run() if self.native_exits else None
         return native(inputs) if native is not None else self._python_early_exit(inputs)

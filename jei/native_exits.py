@@ -13,10 +13,12 @@ once, then cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_ex
 The kernel computes in float32 like the Python path, in another order, so it agrees with it to
 float rounding, not bit for bit: a sample whose score is within rounding of its threshold may
 take another exit (tested on random networks; counted by the speed benchmarks). A sample with a
-NaN or +inf logit never leaves, as its NaN scores never pass in Python. It runs networks whose every exit has a ``NativeIM`` (a mean pool and one
-linear layer), a ``NativeGate`` when the policy reads gates, and a policy with a
-``native_rule`` (JEI's rule, gate thresholds, max-prob, entropy), on CPU float32 parameters,
-without ensembles, history gates or forward hooks. ``native_plan`` says why when a network does
+NaN or +inf logit never leaves, as its NaN scores never pass in Python.
+
+It runs networks whose every exit has a ``NativeIM`` (a mean pool and one linear layer), a
+``NativeGate`` when the policy reads gates, and a policy with a ``native_rule`` (JEI's rule,
+gate thresholds, max-prob, entropy), on CPU float32 parameters, without ensembles, history
+gates or forward hooks. ``native_plan`` says why when a network does
 not qualify. A network edited after ``use_native_exits`` so that it no longer qualifies warns
 once and runs in Python until ``use_native_exits`` is called again.
 """
