@@ -128,18 +128,6 @@ def build_setup(
     return network, images, source
 
 
-def python_early_exit(network: EarlyExitNetwork) -> Callable[[Any], Any]:
-    """``network.early_exit`` with native exits off for the call (the reference of --native-exits)."""
-    def run(inputs: Any) -> Any:
-        network.native_exits = False
-        try:
-            return network.early_exit(inputs)
-        finally:
-            network.native_exits = True
-
-    return run
-
-
 def reference_early_exit(revision: str) -> Callable[[EarlyExitNetwork, Any], Any]:
     """``EarlyExitNetwork.early_exit`` as ``jei/model.py`` had it at git ``revision``, to time the
     current implementation against it in the same run (its module imports today's ``jei``)."""
@@ -252,7 +240,7 @@ def main() -> None:
                 reference = None if old_early_exit is None else types.MethodType(old_early_exit, network)
                 if args.native_exits:
                     network.use_native_exits()
-                    reference = python_early_exit(network)
+                    reference = network._python_early_exit  # the Python path of the same network
                     row.extra["exits_differing_from_python"] = sum(
                         int((network.early_exit(x).exit_index != reference(x).exit_index).sum()) for x in batches + singles
                     )

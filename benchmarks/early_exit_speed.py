@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from early_exit_limit import python_early_exit
 from speed_common import CLOCKS, Row, as_dict, exit_costs, markdown_tables, measure_batches, measure_latency
 
 from jei.build import load_run, resolve_device
@@ -55,7 +54,7 @@ def main() -> None:
     costs = exit_costs(network, batches[0][:4] if isinstance(batches[0], torch.Tensor) else batches[0]).to("cpu")
     clock = CLOCKS[args.clock]
     row = Row(run_dir.name, str(type(network.policy).__name__))
-    reference = python_early_exit(network.use_native_exits()) if args.native_exits else None
+    reference = network.use_native_exits()._python_early_exit if args.native_exits else None
     row.batch = measure_batches(network, batches, args.rounds, costs, device, clock, reference)
     if args.latency_images and isinstance(batches[0], torch.Tensor):
         images = torch.cat(batches)[: args.latency_images]

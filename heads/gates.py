@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from jei.native_exits import linear_parameters
+
 from .uncertainty import uncertainty_features
 
 # What a history gate carries per exit it has seen: the four uncertainty features, then the
@@ -69,13 +71,8 @@ class UncertaintyGate(nn.Module):
         """``(weight [1, 4], bias [1])`` of the paper's gate (Linear(4, 1) over the four
         uncertainty features), what native exits compute (``jei.native_exits``); None for a
         history gate."""
-        linear = self._modules["linear"]  # module dicts: native exits call this at every exit they reach
-        if self.reads_history or type(linear) is not nn.Linear:
-            return None
-        weight, bias = linear._parameters.get("weight"), linear._parameters.get("bias")
-        if weight is None or bias is None or weight.shape != (1, 4):
-            return None
-        return weight, bias
+        parameters = None if self.reads_history else linear_parameters(self._modules["linear"])
+        return parameters if parameters is not None and parameters[0].shape == (1, 4) else None
 
     def step(self, logits: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(gate logit [B], history [B, 5 (l + 1)])`` from exit l's logits and the history of

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jei.native_exits import linear_parameters
 from jei.types import ExitSpec
 
 
@@ -59,14 +60,8 @@ class PoolIM(nn.Module):
     def native_form(self) -> tuple[str, int, Tensor, Tensor] | None:
         """``(kind, pool_size, weight, bias)`` when the classifier is one linear layer with a bias
         (what native exits compute, ``jei.native_exits``); None otherwise."""
-        # Read from the module dicts: native exits call this at every exit they reach.
-        linear = self._modules["classifier"]
-        if type(linear) is not nn.Linear:  # (a parametrized Linear is a subclass)
-            return None
-        weight, bias = linear._parameters.get("weight"), linear._parameters.get("bias")
-        if weight is None or bias is None:  # e.g. a hook-based weight norm computes the weight
-            return None
-        return self.kind, self.pool_size, weight, bias
+        parameters = linear_parameters(self._modules["classifier"])
+        return None if parameters is None else (self.kind, self.pool_size, *parameters)
 
 
 class PoolLinearIM(PoolIM):

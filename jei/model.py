@@ -255,7 +255,7 @@ def stream_exits(
     """
     read_gates = native is None and getattr(policy, "uses_gates", True)
     may_leave = skippable_exits(policy, ensemble_decay, gate_history)
-    unit: list[bool] | None = None  # which temperatures are exactly 1, read once when first needed
+    unit = [value == 1.0 for value in temperature.tolist()]  # which temperatures are exactly 1
     running = total
     active: Tensor | None = None  # original positions of the running samples; None: all, in order
     decision: dict[str, Tensor] | None = None
@@ -279,7 +279,6 @@ def stream_exits(
                 raw = logits  # (no ensemble runs natively)
             else:
                 raw = combine(head(index, state), previous, ensemble_decay)
-                unit = unit if unit is not None else [value == 1.0 for value in temperature.tolist()]
                 logits = raw if unit[index] else raw / temperature[index].to(raw.dtype)
                 if decision is None:
                     decision, dtype = policy.begin(total, logits.device), logits.dtype
@@ -317,7 +316,6 @@ def stream_exits(
             final = segment(num_gates, state)
             dtype = final.dtype if dtype is None else dtype  # every exit skipped
             final = combine(final.to(dtype), previous, ensemble_decay)
-            unit = unit if unit is not None else [value == 1.0 for value in temperature.tolist()]
             scaled = final if unit[num_gates] else final / temperature[num_gates].to(final.dtype)
             left.append((active, num_gates, scaled))
     return _assemble(left, total, dtype)

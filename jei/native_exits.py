@@ -78,6 +78,16 @@ class NativeExit:
     gate: nn.Module
 
 
+def linear_parameters(linear: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """``(weight, bias)`` of a plain ``nn.Linear`` with a bias, or None (another module, a
+    parametrized or hook-computed weight, no bias); for ``native_form``. Read from the module
+    dicts: native exits call it at every exit they reach."""
+    if type(linear) is not nn.Linear:  # (a parametrized Linear is a subclass)
+        return None
+    weight, bias = linear._parameters.get("weight"), linear._parameters.get("bias")
+    return None if weight is None or bias is None else (weight, bias)
+
+
 def _describes(obj: object, form: str, methods: tuple[str, ...]) -> bool:
     """Whether the class that defines ``form`` also defines, or inherits unchanged, each of
     ``methods``: a subclass that changes what a component computes without describing itself

@@ -185,7 +185,7 @@ class ConfidenceThreshold(Policy):
         self._floats = values.tolist()  # the same values as Python floats, for native exits
         # A threshold of +inf on a bounded score (max-prob <= 1, -entropy <= 0) fires for nobody;
         # a gate logit is unbounded, so its exits are always asked.
-        self._closed = [self.score != "gate" and value == float("inf") for value in values.tolist()]
+        self._closed = [self.score != "gate" and value == float("inf") for value in self._floats]
 
     def may_leave(self, index: int) -> bool:
         position = self._position(index)  # first: it re-splits edited thresholds

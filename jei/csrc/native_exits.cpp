@@ -149,6 +149,7 @@ std::array<float, 4> uncertainty_features(const std::vector<float>& probs, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> exit_step(
     const at::Tensor& features, int64_t pool, int64_t grid, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& temperatures, int64_t index,
     int64_t rule, double threshold, const at::Tensor& gate_weight, const at::Tensor& gate_bias, const at::Tensor& used) {
+  // Every tensor's device and dtype, once: the checks below are about shapes.
   for (const at::Tensor* tensor : {&features, &weight, &bias, &temperatures, &gate_weight, &gate_bias, &used})
     TORCH_CHECK(!tensor->defined() || tensor->numel() == 0 || (tensor->device().is_cpu() && tensor->scalar_type() == at::kFloat),
                 "native exits run on float32 CPU tensors; got ", tensor->scalar_type(), " on ", tensor->device());
@@ -164,23 +165,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> exit_step(
   const int64_t grid_cells = pool == kMap ? grid * grid : 1;
   const int64_t batch = input.size(0), channels = input.size(pool == kMap ? 1 : dims - 1) * grid_cells;
   const int64_t classes = weight.size(0);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && bias.numel() == weight.size(0),
-              "native exits: the IM's linear layer must be float32 with a bias");
+  TORCH_CHECK(bias.numel() == weight.size(0), "native exits: the IM's linear layer must have one bias per class");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == channels, "native exits: the IM's weight is not [K, ", channels, "]");
   const at::Tensor w = weight.contiguous(), b = bias.contiguous();
   const bool reads_gate = rule == kGateLogit || rule == kGateProbability || rule == kJEI;
   at::Tensor gw, gb;
   if (reads_gate) {
-    TORCH_CHECK(gate_weight.numel() == 4 && gate_bias.numel() == 1 && gate_weight.scalar_type() == at::kFloat &&
-                    gate_bias.scalar_type() == at::kFloat,
-                "native exits: the gate must be a float32 Linear(4, 1)");
+    TORCH_CHECK(gate_weight.numel() == 4 && gate_bias.numel() == 1, "native exits: the gate must be a Linear(4, 1)");
     gw = gate_weight.contiguous();
     gb = gate_bias.contiguous();
   }
   TORCH_CHECK(rule != kJEI || used.numel() == batch, "native exits: JEI's running gate sum must have one value per sample");
-  TORCH_CHECK(temperatures.scalar_type() == at::kFloat && temperatures.device().is_cpu() && index >= 0 &&
-                  index < temperatures.numel(),
-              "native exits: the temperatures must be float32 on the CPU, one per exit");
+  TORCH_CHECK(index >= 0 && index < temperatures.numel(), "native exits: no temperature for exit ", index);
   const float temperature = temperatures.contiguous().data_ptr<float>()[index];
   const float limit = static_cast<float>(threshold);  // compared in float, as torch compares a float tensor
   const float* weights = w.data_ptr<float>();
@@ -192,10 +188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> exit_step(
   // Ordinary tensors even under inference mode: the caller gets them as they are.
   c10::InferenceMode ordinary_outputs(false);
   at::Tensor logits = at::empty({batch, classes}, input.options());
-  at::Tensor leaving = at::empty({batch}, input.options().dtype(at::kBool));
   at::Tensor used_after = rule == kJEI ? at::empty({batch}, input.options()) : used;
   float* out = logits.data_ptr<float>();
-  bool* leaves = leaving.data_ptr<bool>();
+  std::vector<char> leaves(batch);  // who leaves (char, not bool: threads write their own samples)
   // Samples are independent: split them over torch's threads once a share is worth a thread.
   const int64_t per_sample = std::max<int64_t>(1, input.numel() / std::max<int64_t>(1, batch));
   at::parallel_for(0, batch, std::max<int64_t>(1, 32768 / per_sample), [&](int64_t begin, int64_t end) {
