@@ -15,7 +15,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from jei.memory_format import select_rows
+from jei.memory_format import select_rows, selects_rows
 from jei.types import BackboneOutput, ExitSpec
 
 
@@ -51,10 +51,13 @@ class FrozenBackbone(nn.Module, ABC):
         """The representation exit ``index`` sees, shaped as its ``ExitSpec`` says."""
         return state
 
+    @selects_rows
     def select(self, state: Any, keep: Tensor) -> Any:
         """The state of the samples at positions ``keep`` (a LongTensor), in that order.
 
-        Real early exit calls it only at an exit that some, but not all, samples leave.
+        Real early exit calls it only at an exit that some, but not all, samples leave. Native
+        exits copy a tensor state's rows themselves instead (``selects_rows``); an override
+        of this method is called as usual.
         """
         if isinstance(state, Tensor):
             return select_rows(state, keep)  # one gather, channels-last maps kept channels-last

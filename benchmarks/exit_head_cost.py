@@ -63,7 +63,7 @@ def heads(network: EarlyExitNetwork, batch_size: int, compiled: bool, native: bo
             plan = native_plan(network)
             if isinstance(plan, str):
                 raise SystemExit(f"--native: {plan}")
-            step = native_step(backbone.represent, plan, policy, network.temperature)
+            step = native_step(backbone.represent, plan, policy, network.temperature, compacts_rows=False)  # heads only
             timed[f"{name} (native)"] = lambda index, state, step=step, decision=decision: step(index, state, decision)[3]
     if compiled:  # one compiled program per exit (its shapes and modules), for this batch size
         for name, fn in named.items():

@@ -12,6 +12,9 @@ the layout (``index_select`` returns NCHW, which the next convolution would conv
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +39,14 @@ def uses_channels_last(module: nn.Module) -> bool:
     """Whether any 4-D parameter or buffer of ``module`` is stored channels-last."""
     tensors = [*module.parameters(), *module.buffers()]
     return any(is_channels_last(tensor) for tensor in tensors)
+
+
+def selects_rows(select: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks a backbone's ``select`` as ``select_rows`` on a tensor state (and nothing else), so
+    native exits (``jei.native_exits``) may copy the staying rows out themselves as they
+    compact the batch. An overriding ``select`` is not marked unless it says so again."""
+    select.selects_rows = True  # type: ignore[attr-defined]
+    return select
 
 
 def select_rows(tensor: Tensor, keep: Tensor) -> Tensor:

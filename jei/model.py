@@ -145,7 +145,7 @@ class EarlyExitNetwork(nn.Module):
     def _bind_native(self, plan: list[NativeExit], key: tuple[Any, ...]) -> Callable[[Any], EarlyExitResult]:
         backbone, policy, temperature, num_gates = self.backbone, self.policy, self.temperature, self.num_gates
         begin, batch_size, segment, select = backbone.begin, backbone.batch_size, backbone.run_segment, backbone.select
-        step = native_step(backbone.represent, plan, policy, temperature)
+        step = native_step(backbone.represent, plan, policy, temperature, getattr(select, "selects_rows", False))
 
         def run(inputs: Any) -> EarlyExitResult:  # (no ensemble or history gates: native_plan refuses them)
             try:
@@ -237,7 +237,8 @@ def stream_exits(
     returns ``(gate logit, history)``, and the history is compacted with the samples.
     ``native`` (``jei.native_exits.native_step``) replaces ``head``, ``gate``, the temperature and
     ``policy.step`` with one call per exit that also counts who leaves and orders the samples,
-    their logits and the policy state for compaction (no ``argsort`` or gathers of its own).
+    their logits and the policy state for compaction (no ``argsort`` or gathers of its own),
+    and may copy out the staying samples' state itself (then ``select`` is not called).
 
     The work per exit is kept small:
     - one device-to-host read per exit (how many samples leave; plus one per call, which
@@ -275,7 +276,7 @@ def stream_exits(
             if native is not None:  # head, temperature, gate, decision and count in one call
                 if decision is None:
                     decision, dtype = policy.begin(total, torch.device("cpu")), torch.float32
-                logits, order, decision, count = native(index, state, decision)
+                logits, order, decision, count, staying_state = native(index, state, decision)
                 raw = logits  # (no ensemble runs natively)
             else:
                 raw = combine(head(index, state), previous, ensemble_decay)
@@ -311,7 +312,7 @@ def stream_exits(
             decision = {key: value[:staying] if native is not None else _take(value, stay) for key, value in decision.items()}
             previous = raw.index_select(0, stay) if ensemble_decay != 0.0 else None
             history = history.index_select(0, stay) if history is not None else None
-            state = select(state, stay)
+            state = select(state, stay) if native is None or staying_state is None else staying_state
         else:  # some samples ran through every exit
             final = segment(num_gates, state)
             dtype = final.dtype if dtype is None else dtype  # every exit skipped

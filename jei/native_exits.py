@@ -41,7 +41,7 @@ RULES = {"max_prob": 0, "negative_entropy": 1, "gate_logit": 2, "gate_probabilit
 GATE_RULES = frozenset({"gate_logit", "gate_probability", "jei"})
 EMPTY = torch.empty(0)  # the kernel's "not used" argument
 
-NativeStep = Callable[[int, Any, dict[str, Tensor]], tuple[Tensor, Tensor | None, dict[str, Tensor], int]]
+NativeStep = Callable[[int, Any, dict[str, Tensor]], tuple[Tensor, Tensor | None, dict[str, Tensor], int, Any]]
 
 
 class NativeExitsUnavailable(RuntimeError):
@@ -143,18 +143,23 @@ def native_plan(network: nn.Module) -> list[NativeExit] | str:
     return plan
 
 
-def native_step(represent: Callable[[int, Any], Tensor], plan: list[NativeExit], policy: Any, temperature: Tensor) -> NativeStep:
-    """``step(index, state, decision) -> (logits, order, decision, count)`` for
+def native_step(
+    represent: Callable[[int, Any], Tensor], plan: list[NativeExit], policy: Any, temperature: Tensor, compacts_rows: bool
+) -> NativeStep:
+    """``step(index, state, decision) -> (logits, order, decision, count, staying state)`` for
     ``jei.model.stream_exits``: exit ``index``'s head, temperature, score or gate, decision and
     count in one kernel call. ``decision`` is the policy's streaming state (JEI's running gate
     sum). When some but not all samples leave, ``order`` lists the staying samples, then the
-    leaving ones (each in batch order), and the logits and the state come in that order; otherwise
-    ``order`` is None. The heads' forms and the policy's thresholds are read at every call, so
-    edits are seen; ``NativeExitsChanged`` when they no longer run natively."""
+    leaving ones (each in batch order), and the logits and the state come in that order; with
+    ``compacts_rows`` (the backbone's ``select`` is plain row selection, ``selects_rows``) the
+    kernel also copies out the staying samples' backbone state, when it is a dense tensor.
+    Otherwise ``order`` and that state are None. The heads' forms and the policy's thresholds
+    are read at every call, so edits are seen; ``NativeExitsChanged`` when they no longer run
+    natively."""
     kernel = load_kernel().exit_step
     jei = RULES["jei"]
 
-    def step(index: int, state: Any, decision: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, dict[str, Tensor], int]:
+    def step(index: int, state: Any, decision: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, dict[str, Tensor], int, Any]:
         exit_ = plan[index]
         rule, threshold = policy.native_rule(index)
         form, code = exit_.im.native_form(), RULES.get(rule)
@@ -163,13 +168,14 @@ def native_step(represent: Callable[[int, Any], Tensor], plan: list[NativeExit],
             raise NativeExitsChanged(f"exit {index}'s IM, gate or rule is no longer one native exits run")
         kind, grid, weight, bias = form
         features = represent(index, state)
+        rows = state if compacts_rows and isinstance(state, Tensor) else EMPTY
         try:
-            logits, order, used, count = kernel(
+            logits, order, used, count, staying = kernel(
                 features, POOLS[kind], grid, weight, bias, temperature, index, code, threshold, *gate_form,
-                decision["used"] if code == jei else EMPTY,
+                decision["used"] if code == jei else EMPTY, rows,
             )
         except RuntimeError as error:  # the kernel refuses its inputs (dtype, device, shapes)
             raise NativeExitsChanged(str(error)) from error
-        return logits, order, ({"used": used} if code == jei else decision), count
+        return logits, order, ({"used": used} if code == jei else decision), count, staying
 
     return step

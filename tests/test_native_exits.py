@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from jei.heads.ims import PoolIM, global_pool
 from jei.heads.uncertainty import uncertainty_features
-from jei.memory_format import to_channels_last
+from jei.memory_format import is_channels_last, select_rows, to_channels_last
 from jei.native_exits import POOLS, RULES, load_kernel, native_plan
 from jei.policies import ConfidenceThreshold, JEIRule, Patience
 from jei.registry import GATES, IMS
@@ -66,7 +66,7 @@ def in_batch_order(logits, order, used, count, batch):
 @given(
     kind=st.sampled_from(["map", "channels_last", "tokens", "vector"]),
     rule=st.sampled_from(sorted(RULES)),
-    batch=st.integers(1, 9),
+    batch=st.sampled_from([1, 2, 3, 5, 9, 16, 23]),  # from 16 on, the linear layer is one matrix product
     channels=st.integers(1, 12),
     side=st.integers(1, 5),
     grid=st.integers(1, 3),
@@ -88,12 +88,21 @@ def test_the_kernel_agrees_with_the_python_path(kind, rule, batch, channels, sid
     used = torch.rand(batch, generator=generator) * 1.2  # some samples with nothing left (r <= 0)
     threshold = {"max_prob": 0.6, "negative_entropy": -0.5, "gate_logit": 0.3, "gate_probability": 0.55, "jei": 0.0}[rule]
     temperatures = torch.tensor([3.0, temperature, 1.0])
-    logits, order, used_after, count = load_kernel().exit_step(
+    # The backbone state the kernel compacts: the features themselves, or another dense tensor
+    # (a ViT's tokens behind a vector representation; a half-precision map).
+    state = features if seed % 3 else torch.randn(batch, 3, side, 2, generator=generator).to(torch.float16)
+    logits, order, used_after, count, staying = load_kernel().exit_step(
         features, POOLS[pool], grid, weight, bias, temperatures, 1, RULES[rule], threshold, gate_weight, gate_bias,
-        used if rule == "jei" else torch.empty(0),
+        used if rule == "jei" else torch.empty(0), state,
     )
     expected, expected_leaving, expected_used, margin = python_step(
         features, pool, grid, weight, bias, temperature, rule, threshold, gate_weight, gate_bias, used)
+    if order is None:
+        assert staying is None
+    else:  # the staying samples' state, as the backbone's select_rows gathers it
+        selected = select_rows(state, order[: batch - count])
+        assert torch.equal(staying, selected) and staying.stride() == selected.stride()
+        assert is_channels_last(staying) == is_channels_last(state)
     logits, leaving, used_after = in_batch_order(logits, order, used_after, count, batch)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     clear = margin.abs() > TOLERANCE
@@ -226,13 +235,13 @@ def test_the_kernel_rejects_inputs_it_cannot_run():
     empty = torch.empty(0)
     with pytest.raises(RuntimeError, match="float32 CPU"):
         kernel(torch.randn(2, 3, dtype=torch.float64), POOLS["vector"], 1, torch.randn(4, 3), torch.randn(4),
-               torch.ones(2), 0, RULES["max_prob"], 0.5, empty, empty, empty)
+               torch.ones(2), 0, RULES["max_prob"], 0.5, empty, empty, empty, empty)
     with pytest.raises(RuntimeError, match="weight is not"):
         kernel(torch.randn(2, 3), POOLS["vector"], 1, torch.randn(4, 5), torch.randn(4), torch.ones(2), 0,
-               RULES["max_prob"], 0.5, empty, empty, empty)
+               RULES["max_prob"], 0.5, empty, empty, empty, empty)
     with pytest.raises(RuntimeError, match="running gate sum"):
         kernel(torch.randn(2, 3), POOLS["vector"], 1, torch.randn(4, 3), torch.randn(4), torch.ones(2), 0,
-               RULES["jei"], 0.0, torch.randn(1, 4), torch.randn(1), torch.zeros(3))
+               RULES["jei"], 0.0, torch.randn(1, 4), torch.randn(1), torch.zeros(3), empty)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
@@ -249,9 +258,9 @@ def test_non_finite_logits_never_leave_as_in_python(rule):
     for w in (weight, weight_inf):
         batch = torch.cat([features, -features[3:4]])
         used = torch.zeros(len(batch))
-        logits, order, used_after, count = load_kernel().exit_step(
+        logits, order, used_after, count, _ = load_kernel().exit_step(
             batch, POOLS["vector"], 1, w, bias, torch.ones(2), 0, RULES[rule], threshold, gate_weight, gate_bias,
-            used if rule == "jei" else torch.empty(0),
+            used if rule == "jei" else torch.empty(0), torch.empty(0),
         )
         logits, leaving, used_after = in_batch_order(logits, order, used_after, count, len(batch))
         expected = python_step(batch, "vector", 1, w, bias, 1.0, rule, threshold, gate_weight, gate_bias, used)
@@ -324,3 +333,36 @@ def test_a_weight_norm_added_after_switching_on_falls_back_to_python():
         actual = network.early_exit(inputs)
     network.native_exits = False
     assert torch.equal(actual.exit_index, network.early_exit(inputs).exit_index)
+
+
+def test_native_exits_compact_the_state_themselves_unless_select_is_overridden():
+    """The base backbone's ``select`` is plain row selection (``selects_rows``): the kernel copies
+    the staying rows out and ``select`` is not called. A backbone that overrides ``select``
+    keeps it called, with the same exits either way."""
+    network = tiny_network(4)
+    generator = torch.Generator().manual_seed(5)
+    fit_inputs, inputs = torch.randn(64, 1, 8, 8, generator=generator), torch.randn(64, 1, 8, 8, generator=generator)
+    # Each exit's median confidence on other samples (a threshold on one of these samples' own
+    # scores could fall either way under rounding): about half the samples leave at each exit.
+    with torch.no_grad():
+        confidence = network(fit_inputs).logits[:-1].softmax(-1).amax(-1).median(dim=1).values
+    network.policy = ConfidenceThreshold("max_prob", confidence.tolist())
+    expected = network.early_exit(inputs)
+    assert len(expected.exit_index.unique()) > 2  # samples leave at several exits: the batch is compacted
+    base = type(network.backbone)
+    calls = []
+
+    class OwnSelect(base):
+        def select(self, state, keep):
+            calls.append(len(keep))
+            return super().select(state, keep)
+
+    for cls in (base, OwnSelect):
+        native = copy.deepcopy(network)
+        native.backbone.__class__ = cls
+        native.use_native_exits()
+        calls.clear()
+        result = native.early_exit(inputs)
+        assert torch.equal(result.exit_index, expected.exit_index)
+        torch.testing.assert_close(result.logits, expected.logits, rtol=1e-5, atol=1e-5)
+        assert (len(calls) > 0) == (cls is OwnSelect)
