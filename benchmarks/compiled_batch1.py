@@ -1,0 +1,219 @@
+"""Batch-1 real early exit as one compiled program: does a loop with no Python reach the ideal?
+
+    TORCHINDUCTOR_COMPILE_THREADS=1 python benchmarks/compiled_batch1.py [--setups digits vit resnet56]
+        [--images 200] [--rounds 5] [--q 1.0] [--clock cpu|wall] [--layout flat|no-layout-optimization|as-is]
+        [--out results.json]
+
+At batch 1 the eager early-exit loop (``jei.model.stream_exits``) pays Python and dispatch at
+every exit, which keeps it above 1.05 times its latency-weighted ideal (README, Speed). This
+script measures what is left without any Python between segments: the whole batch-1 pass
+(every segment, every IM and the max-prob rule of a ``BudgetedThreshold`` policy fitted on
+separate images) as nested ``torch.cond`` in one ``torch.export`` program, compiled with
+AOTInductor. One image at a time, interleaved in a rotating order, it times the eager backbone,
+eager real early exit (Python heads, and native exits), the AOTI backbone (one program), the AOTI early-exit program, every AOTI
+segment alone (their shares give the compiled ideal) and a no-op AOTI program (what one call of
+a compiled program costs by itself). It counts the exits that differ from eager early exit.
+
+AOTInductor (torch 2.14.1, CPU) miscompiles nested ``torch.cond`` when a convolution's map
+crosses a ``cond`` with layout optimization on: the logits come out wrong, with no error.
+``--layout as-is`` shows it (exits differ); ``flat`` (the default) passes the state to each
+``cond`` flattened to 1-D, ``no-layout-optimization`` turns Inductor's layout optimization off.
+Compiling takes seconds (digits) to a few minutes (ResNet-56) per setup on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from early_exit_limit import build_setup
+from speed_common import CLOCKS, cumulative_shares, exit_costs, exit_fractions, ideal_ratio, rotated
+
+from jei.export import _Head, _Segment
+from jei.model import EarlyExitNetwork
+from jei.policies import BudgetedThreshold, confidence
+
+FIT_IMAGES = 512
+
+
+class Chain(nn.Module):
+    """The backbone as one program: every segment in turn."""
+
+    def __init__(self, network: EarlyExitNetwork) -> None:
+        super().__init__()
+        self.segments = nn.ModuleList(_Segment(network.backbone, i) for i in range(network.num_gates + 1))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        for segment in self.segments:
+            inputs = segment(inputs)
+        return inputs
+
+
+class Noop(nn.Module):
+    def forward(self, inputs: Tensor) -> Tensor:
+        return inputs.flatten()[:1] + 1
+
+
+class CondEarlyExit(nn.Module):
+    """Batch-1 real early exit under a max-prob threshold per exit, as nested ``torch.cond``:
+    ``(logits [1, K], exit index [1])``, the exits and logits ``network.early_exit`` gives."""
+
+    def __init__(self, network: EarlyExitNetwork, thresholds: list[float], flat: bool) -> None:
+        super().__init__()
+        if network.ensemble_decay != 0.0 or bool((network.temperature != 1.0).any()):
+            raise SystemExit("the compiled program runs networks without ensembles or temperatures")
+        backbone, self.num_gates, self.thresholds, self.flat = network.backbone, network.num_gates, thresholds, flat
+        self.segments = nn.ModuleList(_Segment(backbone, i) for i in range(self.num_gates + 1))
+        self.heads = nn.ModuleList(_Head(backbone, network.ims[i], i) for i in range(self.num_gates))
+
+    def _from(self, index: int, state: Tensor) -> tuple[Tensor, Tensor]:
+        state = self.segments[index](state)
+        if index == self.num_gates:
+            return state, torch.full((1,), index, dtype=torch.long)
+        if self.thresholds[index] == float("inf"):  # nobody can leave here: skipped, as stream_exits does
+            return self._from(index + 1, state)
+        logits = self.heads[index](state)
+        leaves = (confidence(logits, "max_prob") >= self.thresholds[index]).reshape(())
+        shape = state.shape
+
+        def leave(logits: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+            return logits.clone(), torch.full((1,), index, dtype=torch.long)
+
+        def go_on(logits: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+            return self._from(index + 1, state.reshape(shape) if self.flat else state)
+
+        return torch.cond(leaves, leave, go_on, (logits, state.reshape(-1) if self.flat else state))
+
+    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        return self._from(0, inputs)
+
+
+def compiled(module: nn.Module, example: Tensor, path: Path) -> tuple[Any, float]:
+    """``module`` exported at batch 1 and built with AOTInductor: (runner, build seconds)."""
+    start = time.perf_counter()
+    program = torch.export.export(module.eval(), (example,), strict=False)
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return torch._inductor.aoti_load_package(package), time.perf_counter() - start
+
+
+def run_setup(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    network, images, _ = build_setup(name, FIT_IMAGES + args.images)
+    fit, singles = images[:FIT_IMAGES], [image[None].contiguous() for image in images[FIT_IMAGES:]]
+    costs = exit_costs(network, singles[0])
+    with torch.no_grad():
+        outputs = network(fit)
+    policy = BudgetedThreshold(args.q)
+    policy.fit(outputs, torch.zeros(outputs.logits.shape[1], dtype=torch.long), costs)
+    network.policy = policy
+    gates = network.num_gates
+    print(f"[{name}] building the AOTI programs ...", flush=True)
+    with torch.no_grad():
+        program, build = compiled(CondEarlyExit(network, policy.per_exit(gates).tolist(), args.layout == "flat"),
+                                  singles[0], workdir / f"{name}_early_exit.pt2")
+        chain, _ = compiled(Chain(network), singles[0], workdir / f"{name}_backbone.pt2")
+        noop, _ = compiled(Noop(), singles[0], workdir / f"{name}_noop.pt2")
+        segments, eager_segments, state = [], [], singles[0]
+        for index in range(gates + 1):
+            segment = _Segment(network.backbone, index).eval()
+            segments.append(compiled(segment, state, workdir / f"{name}_segment_{index}.pt2")[0])
+            eager_segments.append(segment)
+            state = segment(state)
+        eager = [network.early_exit(x) for x in singles]
+        results = [program(x) for x in singles]
+    eager_exits = torch.cat([result.exit_index for result in eager])
+    exits = torch.cat([result[1].reshape(1) for result in results])
+    logit_error = max(float((result[0] - expected.logits).abs().max()) for result, expected in zip(results, eager))
+
+    with torch.inference_mode():  # each segment's input, per image
+        inputs = []
+        for x in singles:
+            state, states = x, []
+            for segment in eager_segments:
+                states.append(state)
+                state = segment(state)
+            inputs.append(states)
+        backbone = network.backbone
+        native = copy.deepcopy(network).use_native_exits()
+        paths = {"eager backbone": backbone, "eager early exit": network.early_exit,
+                 "eager native early exit": native.early_exit, "AOTI backbone": chain, "AOTI early exit": program,
+                 "no-op": noop}
+        clock = CLOCKS[args.clock]
+        times: dict[str, list[float]] = {key: [] for key in paths}
+        segment_times = {"AOTI": [[] for _ in segments], "eager": [[] for _ in segments]}
+        for _ in range(2):  # warm-up
+            for x in singles[:10]:
+                for fn in paths.values():
+                    fn(x)
+        for round_ in range(args.rounds):
+            for position, (x, states) in enumerate(zip(singles, inputs)):
+                for key in rotated([*paths, "segments"], position + round_):
+                    if key != "segments":
+                        start = clock()
+                        paths[key](x)
+                        times[key].append(clock() - start)
+                        continue
+                    for kind, runs in (("AOTI", segments), ("eager", eager_segments)):
+                        for index, (run, state) in enumerate(zip(runs, states)):
+                            start = clock()
+                            run(state)
+                            segment_times[kind][index].append(clock() - start)
+    mean = {key: statistics.fmean(values) for key, values in times.items()}
+    shares = {kind: cumulative_shares([statistics.median(t) for t in per]) for kind, per in segment_times.items()}
+    ideal = ideal_ratio(exit_fractions(exits, gates + 1), shares["AOTI"])
+    eager_ideal = ideal_ratio(exit_fractions(eager_exits, gates + 1), shares["eager"])
+    row = {
+        "setup": name, "layout": args.layout, "build_s": build, "expected_cost": float(costs[exits].mean()),
+        "exits_agree": int((exits == eager_exits).sum()), "images": len(singles), "max_logit_difference": logit_error,
+        "mean_ms": {key: value * 1e3 for key, value in mean.items()},
+        "eager_ratio": mean["eager early exit"] / mean["eager backbone"], "eager_ideal": eager_ideal,
+        "native_ratio": mean["eager native early exit"] / mean["eager backbone"],
+        "ratio": mean["AOTI early exit"] / mean["AOTI backbone"], "ideal": ideal,
+    }
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setups", nargs="+", default=["digits", "vit", "resnet56"])
+    parser.add_argument("--images", type=int, default=200, help="batch-1 images timed (after 512 that fit the policy)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--q", type=float, default=1.0, help="BudgetedThreshold's q (1: the same share at every exit)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
+    parser.add_argument("--layout", choices=["flat", "no-layout-optimization", "as-is"], default="flat")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.layout == "no-layout-optimization":
+        torch._inductor.config.layout_optimization = False
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = [run_setup(name, args, Path(workdir)) for name in args.setups]
+    print(f"\ntorch {torch.__version__}, 1 thread, {args.clock} clock, {args.images} images x {args.rounds} rounds, "
+          f"layout {args.layout}; ratios are of mean latencies, each path against its own backbone")
+    print("| setup | exits agree | build s | eager backbone → early exit (native) ms | eager ratio / ideal (native) | "
+          "AOTI backbone → early exit ms | AOTI ratio | AOTI ideal | AOTI ratio / ideal | no-op AOTI call µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        ms, ideal = row["mean_ms"], row["eager_ideal"]
+        print(f"| {row['setup']} | {row['exits_agree']}/{row['images']} | {row['build_s']:.0f} | "
+              f"{ms['eager backbone']:.3f} → {ms['eager early exit']:.3f} ({ms['eager native early exit']:.3f}) | "
+              f"{row['eager_ratio'] / ideal:.3f} ({row['native_ratio'] / ideal:.3f}) | "
+              f"{ms['AOTI backbone']:.3f} → {ms['AOTI early exit']:.3f} | {row['ratio']:.3f} | {row['ideal']:.3f} | "
+              f"{row['ratio'] / row['ideal']:.3f} | {ms['no-op'] * 1e3:.0f} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
