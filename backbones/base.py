@@ -56,8 +56,8 @@ class FrozenBackbone(nn.Module, ABC):
         """The state of the samples at positions ``keep`` (a LongTensor), in that order.
 
         Real early exit calls it only at an exit that some, but not all, samples leave. Native
-        exits copy a tensor state's rows themselves instead (``selects_rows``); an override
-        of this method is called as usual.
+        exits copy the rows of a plain, dense CPU tensor state themselves instead
+        (``selects_rows``); an override of this method is always called.
         """
         if isinstance(state, Tensor):
             return select_rows(state, keep)  # one gather, channels-last maps kept channels-last

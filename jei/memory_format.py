@@ -12,6 +12,7 @@ the layout (``index_select`` returns NCHW, which the next convolution would conv
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -42,11 +43,23 @@ def uses_channels_last(module: nn.Module) -> bool:
 
 
 def selects_rows(select: Callable[..., Any]) -> Callable[..., Any]:
-    """Marks a backbone's ``select`` as ``select_rows`` on a tensor state (and nothing else), so
-    native exits (``jei.native_exits``) may copy the staying rows out themselves as they
-    compact the batch. An overriding ``select`` is not marked unless it says so again."""
+    """Marks a backbone class's ``select`` method as ``select_rows`` on a tensor state (and
+    nothing else), so native exits (``jei.native_exits``) may copy the staying rows out
+    themselves as they compact the batch (``plain_row_select``)."""
     select.selects_rows = True  # type: ignore[attr-defined]
     return select
+
+
+def plain_row_select(backbone: object) -> bool:
+    """Whether ``backbone.select`` is a method its class marked with ``selects_rows``. An
+    override in a subclass, or anything set on the instance (a function, a wrapper that copies
+    the method's attributes, a mock), is not: native exits then call it."""
+    select = getattr(backbone, "select", None)
+    return (
+        isinstance(select, types.MethodType)
+        and select.__self__ is backbone
+        and getattr(select.__func__, "selects_rows", False) is True
+    )
 
 
 def select_rows(tensor: Tensor, keep: Tensor) -> Tensor:

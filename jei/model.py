@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from jei.memory_format import plain_row_select
 from jei.native_exits import (
     NativeExit,
     NativeExitsChanged,
@@ -145,7 +146,7 @@ class EarlyExitNetwork(nn.Module):
     def _bind_native(self, plan: list[NativeExit], key: tuple[Any, ...]) -> Callable[[Any], EarlyExitResult]:
         backbone, policy, temperature, num_gates = self.backbone, self.policy, self.temperature, self.num_gates
         begin, batch_size, segment, select = backbone.begin, backbone.batch_size, backbone.run_segment, backbone.select
-        step = native_step(backbone.represent, plan, policy, temperature, getattr(select, "selects_rows", False))
+        step = native_step(backbone.represent, plan, policy, temperature, plain_row_select(backbone))
 
         def run(inputs: Any) -> EarlyExitResult:  # (no ensemble or history gates: native_plan refuses them)
             try:
@@ -248,7 +249,8 @@ def stream_exits(
     - nothing is compacted at an exit no sample leaves, and once every sample has left no
       later segment runs;
     - compaction is one ``index_select`` each of the backbone state, the policy state,
-      (with an ensemble) the previous prediction and (with history gates) the gates' history;
+      (with an ensemble) the previous prediction and (with history gates) the gates' history
+      (``native`` orders the policy state itself, and may copy out the backbone state);
     - gates are not evaluated for a policy that does not read them (``uses_gates`` False), and
       an exit the policy says nobody can leave (``may_leave`` False, e.g. a +inf threshold) is
       skipped whole when no later exit reads it (no ensemble, no history gates);

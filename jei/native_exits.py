@@ -151,8 +151,9 @@ def native_step(
     count in one kernel call. ``decision`` is the policy's streaming state (JEI's running gate
     sum). When some but not all samples leave, ``order`` lists the staying samples, then the
     leaving ones (each in batch order), and the logits and the state come in that order; with
-    ``compacts_rows`` (the backbone's ``select`` is plain row selection, ``selects_rows``) the
-    kernel also copies out the staying samples' backbone state, when it is a dense tensor.
+    ``compacts_rows`` (the backbone's ``select`` is plain row selection,
+    ``jei.memory_format.plain_row_select``) the kernel also copies out the staying samples'
+    backbone state, when it is a plain, dense CPU tensor (otherwise ``select`` does).
     Otherwise ``order`` and that state are None. The heads' forms and the policy's thresholds
     are read at every call, so edits are seen; ``NativeExitsChanged`` when they no longer run
     natively."""
@@ -168,7 +169,7 @@ def native_step(
             raise NativeExitsChanged(f"exit {index}'s IM, gate or rule is no longer one native exits run")
         kind, grid, weight, bias = form
         features = represent(index, state)
-        rows = state if compacts_rows and isinstance(state, Tensor) else EMPTY
+        rows = state if compacts_rows and type(state) is Tensor else EMPTY  # (not a subclass: it would come back plain)
         try:
             logits, order, used, count, staying = kernel(
                 features, POOLS[kind], grid, weight, bias, temperature, index, code, threshold, *gate_form,

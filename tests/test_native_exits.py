@@ -6,8 +6,10 @@ refused with the reason, and the cached step follows edits to the network."""
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -357,12 +359,48 @@ def test_native_exits_compact_the_state_themselves_unless_select_is_overridden()
             calls.append(len(keep))
             return super().select(state, keep)
 
-    for cls in (base, OwnSelect):
+    def wrapped(backbone):  # a wrapper that copies the method's attributes, marker included
+        @functools.wraps(backbone.select)
+        def select(state, keep):
+            calls.append(len(keep))
+            return type(backbone).select(backbone, state, keep)
+
+        return select
+
+    def mocked(backbone):
+        return mock.MagicMock(side_effect=lambda state, keep: calls.append(len(keep)) or select_rows(state, keep))
+
+    for variant in ("base", "subclass", "wrapped on the instance", "mock on the instance"):
         native = copy.deepcopy(network)
-        native.backbone.__class__ = cls
+        if variant == "subclass":
+            native.backbone.__class__ = OwnSelect
+        elif variant != "base":
+            native.backbone.select = (wrapped if variant.startswith("wrapped") else mocked)(native.backbone)
         native.use_native_exits()
         calls.clear()
         result = native.early_exit(inputs)
         assert torch.equal(result.exit_index, expected.exit_index)
         torch.testing.assert_close(result.logits, expected.logits, rtol=1e-5, atol=1e-5)
-        assert (len(calls) > 0) == (cls is OwnSelect)
+        assert (len(calls) > 0) == (variant != "base"), variant
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # quantized tensors are deprecated, still made
+def test_the_kernel_leaves_states_whose_bytes_are_not_their_values_to_select():
+    """Lazy conjugate and negative views and quantized tensors are not copied byte for byte
+    (their select gives other values than their bytes); plain states of any dtype are."""
+    features = torch.tensor([[4.0, 0.0], [0.0, 0.0], [5.0, 0.0]])  # samples 0 and 2 leave
+    weight, bias, empty = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.zeros(2), torch.empty(0)
+    kernel = load_kernel().exit_step
+
+    def staying(state):
+        *_, count, rows = kernel(features, POOLS["vector"], 1, weight, bias, torch.ones(2), 0, RULES["max_prob"],
+                                 0.9, empty, empty, empty, state)
+        assert count == 2
+        return rows
+
+    plain = torch.arange(6.0).view(3, 2)
+    assert torch.equal(staying(plain), plain[1:2]) and torch.equal(staying(plain.to(torch.int8)), plain[1:2].to(torch.int8))
+    complex_state = torch.complex(plain, plain + 1)
+    assert staying(complex_state.conj()) is None and staying(torch._neg_view(plain)) is None
+    assert staying(torch.quantize_per_tensor(plain, 0.5, 0, torch.quint8)) is None
+    assert staying(plain.t().contiguous().t()) is None  # samples not one contiguous block each

@@ -135,11 +135,14 @@ std::array<float, 4> uncertainty_features(const std::vector<float>& probs, const
 }
 
 // The staying samples' rows of `state` (those with leaves[s] false), in batch order: what
-// index_select(0, staying positions) gives, in the same memory format. Undefined when `state`
-// is empty or its samples are not each one contiguous block (then the caller selects them).
+// index_select(0, staying positions) gives, in the same memory format. Undefined (the caller
+// then selects them) when `state` is undefined or 0-d, not on the CPU, not batch-first, not a
+// plain strided tensor (quantized, or a lazy conjugate or negative view, whose bytes are not
+// its values), or when its samples are not each one contiguous block.
 at::Tensor staying_rows(const at::Tensor& state, const std::vector<char>& leaves, int64_t staying) {
   const int64_t batch = static_cast<int64_t>(leaves.size());
   if (!state.defined() || state.dim() == 0 || state.size(0) != batch || !state.device().is_cpu()) return at::Tensor();
+  if (state.layout() != at::kStrided || state.is_quantized() || state.is_conj() || state.is_neg()) return at::Tensor();
   // Channels-last exactly as jei.memory_format.is_channels_last says (select_rows keeps it so).
   bool channels_last = false;
   if (state.dim() == 4) {
@@ -167,7 +170,8 @@ at::Tensor staying_rows(const at::Tensor& state, const std::vector<char>& leaves
 // linear layer. temperatures [G + 1]: every exit's (the network's buffer), index: this exit's. rule, threshold: the policy (see Rule;
 // thresholds on its "higher is surer" scale). gate_weight [1, 4], gate_bias [1]: the JEI gate
 // (rules that read it). used [B]: JEI's running gate sum (rule kJEI; otherwise empty). state:
-// the backbone's state, to compact with the samples (any dtype, batch first; empty: not compacted).
+// the backbone's state, to compact with the samples (batch first, any plain dtype; see
+// staying_rows; empty: not compacted).
 // Returns (logits [B, K], order, used after this exit, how many leave, the staying samples'
 // state). When some but not all leave, `order` [B] lists the staying samples, then the leaving
 // ones, each in batch order, and the logits and running gate sums come in that order, and the
