@@ -1,4 +1,4 @@
-"""Batch-1 real early exit as one compiled program: does a loop with no Python reach the ideal?
+"""Batch-1 real early exit as one compiled program (``jei.batch1_program``) against its ideal.
 
     TORCHINDUCTOR_COMPILE_THREADS=1 python benchmarks/compiled_batch1.py [--setups digits vit resnet56]
         [--images 200] [--rounds 5] [--q 1.0] [--clock cpu|wall] [--layout flat|no-layout-optimization|as-is]
@@ -6,19 +6,20 @@
 
 At batch 1 the eager early-exit loop (``jei.model.stream_exits``) pays Python and dispatch at
 every exit, which keeps it above 1.05 times its latency-weighted ideal (README, Speed). This
-script measures what is left without any Python between segments: the whole batch-1 pass
-(every segment, every IM and the max-prob rule of a ``BudgetedThreshold`` policy fitted on
-separate images) as nested ``torch.cond`` in one ``torch.export`` program, compiled with
-AOTInductor. One image at a time, interleaved in a rotating order, it times the eager backbone,
-eager real early exit (Python heads, and native exits), the AOTI backbone (one program), the AOTI early-exit program, every AOTI
-segment alone (their shares give the compiled ideal) and a no-op AOTI program (what one call of
-a compiled program costs by itself). It counts the exits that differ from eager early exit.
+script measures what is left without any Python between segments: ``compile_batch1`` builds the
+whole batch-1 pass (every segment, every IM and the max-prob rule of a ``BudgetedThreshold``
+policy fitted on separate images) into one AOTInductor program. One image at a time,
+interleaved in a rotating order, it times the eager backbone, eager real early exit (Python
+heads, and native exits), the backbone built the same way as one program, the early-exit
+program, every compiled segment alone (their shares give the compiled ideal) and a no-op
+compiled program (what one call of a compiled program costs by itself). ``compile_batch1``
+checks the program's exits and logits against eager early exit on the timed images.
 
 AOTInductor (torch 2.14.1, CPU) miscompiles nested ``torch.cond`` when a convolution's map
-crosses a ``cond`` with layout optimization on: the logits come out wrong, with no error.
-``--layout as-is`` shows it (exits differ); ``flat`` (the default) passes the state to each
-``cond`` flattened to 1-D, ``no-layout-optimization`` turns Inductor's layout optimization off.
-Compiling takes seconds (digits) to a few minutes (ResNet-56) per setup on one core.
+crosses a ``cond`` with layout optimization on. ``--layout as-is`` builds the program without
+``compile_batch1``'s workaround (the state crosses each ``cond`` flattened, ``flat``, the
+default), and its check refuses the result; ``no-layout-optimization`` turns Inductor's layout
+optimization off instead. Building takes seconds (digits) to a few minutes (ResNet-56).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from early_exit_limit import build_setup
 from speed_common import CLOCKS, cumulative_shares, exit_costs, exit_fractions, ideal_ratio, rotated
 
-from jei.export import _Head, _Segment
+from jei.batch1_program import compile_batch1
+from jei.export import ExportError, _Segment
 from jei.model import EarlyExitNetwork
-from jei.policies import BudgetedThreshold, confidence
+from jei.policies import BudgetedThreshold
 
 FIT_IMAGES = 512
 
@@ -65,40 +67,6 @@ class Noop(nn.Module):
         return inputs.flatten()[:1] + 1
 
 
-class CondEarlyExit(nn.Module):
-    """Batch-1 real early exit under a max-prob threshold per exit, as nested ``torch.cond``:
-    ``(logits [1, K], exit index [1])``, the exits and logits ``network.early_exit`` gives."""
-
-    def __init__(self, network: EarlyExitNetwork, thresholds: list[float], flat: bool) -> None:
-        super().__init__()
-        if network.ensemble_decay != 0.0 or bool((network.temperature != 1.0).any()):
-            raise SystemExit("the compiled program runs networks without ensembles or temperatures")
-        backbone, self.num_gates, self.thresholds, self.flat = network.backbone, network.num_gates, thresholds, flat
-        self.segments = nn.ModuleList(_Segment(backbone, i) for i in range(self.num_gates + 1))
-        self.heads = nn.ModuleList(_Head(backbone, network.ims[i], i) for i in range(self.num_gates))
-
-    def _from(self, index: int, state: Tensor) -> tuple[Tensor, Tensor]:
-        state = self.segments[index](state)
-        if index == self.num_gates:
-            return state, torch.full((1,), index, dtype=torch.long)
-        if self.thresholds[index] == float("inf"):  # nobody can leave here: skipped, as stream_exits does
-            return self._from(index + 1, state)
-        logits = self.heads[index](state)
-        leaves = (confidence(logits, "max_prob") >= self.thresholds[index]).reshape(())
-        shape = state.shape
-
-        def leave(logits: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-            return logits.clone(), torch.full((1,), index, dtype=torch.long)
-
-        def go_on(logits: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-            return self._from(index + 1, state.reshape(shape) if self.flat else state)
-
-        return torch.cond(leaves, leave, go_on, (logits, state.reshape(-1) if self.flat else state))
-
-    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        return self._from(0, inputs)
-
-
 def compiled(module: nn.Module, example: Tensor, path: Path) -> tuple[Any, float]:
     """``module`` exported at batch 1 and built with AOTInductor: (runner, build seconds)."""
     start = time.perf_counter()
@@ -118,9 +86,15 @@ def run_setup(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
     network.policy = policy
     gates = network.num_gates
     print(f"[{name}] building the AOTI programs ...", flush=True)
+    start = time.perf_counter()
+    try:  # checked against eager early exit on every timed image
+        program = compile_batch1(network, torch.cat(singles), workdir / f"{name}_early_exit.pt2",
+                                 flatten_state=args.layout != "as-is")
+    except ExportError as refusal:
+        print(f"[{name}] refused: {refusal}", flush=True)
+        return {"setup": name, "layout": args.layout, "refused": str(refusal)}
+    build = time.perf_counter() - start
     with torch.no_grad():
-        program, build = compiled(CondEarlyExit(network, policy.per_exit(gates).tolist(), args.layout == "flat"),
-                                  singles[0], workdir / f"{name}_early_exit.pt2")
         chain, _ = compiled(Chain(network), singles[0], workdir / f"{name}_backbone.pt2")
         noop, _ = compiled(Noop(), singles[0], workdir / f"{name}_noop.pt2")
         segments, eager_segments, state = [], [], singles[0]
@@ -132,8 +106,8 @@ def run_setup(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         eager = [network.early_exit(x) for x in singles]
         results = [program(x) for x in singles]
     eager_exits = torch.cat([result.exit_index for result in eager])
-    exits = torch.cat([result[1].reshape(1) for result in results])
-    logit_error = max(float((result[0] - expected.logits).abs().max()) for result, expected in zip(results, eager))
+    exits = torch.cat([result.exit_index for result in results])
+    logit_error = max(float((result.logits - expected.logits).abs().max()) for result, expected in zip(results, eager))
 
     with torch.inference_mode():  # each segment's input, per image
         inputs = []
@@ -205,6 +179,9 @@ def main() -> None:
           "AOTI backbone → early exit ms | AOTI ratio | AOTI ideal | AOTI ratio / ideal | no-op AOTI call µs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
+        if "refused" in row:
+            print(f"| {row['setup']} | refused: {row['refused']} |")
+            continue
         ms, ideal = row["mean_ms"], row["eager_ideal"]
         print(f"| {row['setup']} | {row['exits_agree']}/{row['images']} | {row['build_s']:.0f} | "
               f"{ms['eager backbone']:.3f} → {ms['eager early exit']:.3f} ({ms['eager native early exit']:.3f}) | "

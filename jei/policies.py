@@ -193,7 +193,9 @@ class ConfidenceThreshold(Policy):
 
     def _position(self, index: int) -> int:
         """Where exit ``index``'s threshold is (0 when one value is shared by every exit)."""
-        if self._thresholds._version != self._version:
+        # (Not while torch.compile or torch.export traces ``step``: the thresholds are then
+        # constants of the traced program, and dynamo cannot read a version counter.)
+        if not torch.compiler.is_compiling() and self._thresholds._version != self._version:
             self._split()
         if len(self._each) == 1:
             return 0
