@@ -36,8 +36,13 @@ def test_the_program_gives_the_models_exits_and_logits(network, policy, tmp_path
             torch.testing.assert_close(result.logits, expected.logits, rtol=1e-5, atol=1e-5)
         single = program(INPUTS[5:6])
         assert isinstance(single, EarlyExitResult) and single.logits.shape == (1, 5)
-        with pytest.raises(ValueError, match="one sample"):
-            program(INPUTS[:2])
+        empty = program.early_exit(INPUTS[:0])
+        assert empty.logits.shape == (0, 5) and empty.exit_index.shape == (0,)
+        # AOTInductor does not check shapes itself: a larger map would run and give garbage.
+        for wrong, message in ((INPUTS[:2], "use early_exit"), (torch.randn(1, 1, 12, 12), r"shape \[1, 1, 8, 8\]"),
+                               (INPUTS[:1].double(), "float32")):
+            with pytest.raises(ValueError, match=message):
+                program(wrong)
     finally:
         network.temperature.fill_(1.0)
 
@@ -52,9 +57,10 @@ def test_a_program_that_disagrees_with_the_model_is_not_kept(network, tmp_path, 
 
     monkeypatch.setattr(network, "early_exit", shifted)
     path = tmp_path / "early_exit.pt2"
+    path.write_bytes(b"the program already served")  # a refused build leaves it as it was
     with pytest.raises(ExportError, match=r"other exits or logits than network.early_exit on \d+ of 8"):
         compile_batch1(network, INPUTS[:8], path)
-    assert not path.exists()
+    assert path.read_bytes() == b"the program already served" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_networks_it_cannot_run_are_refused_before_building(tmp_path):
@@ -65,6 +71,12 @@ def test_networks_it_cannot_run_are_refused_before_building(tmp_path):
     network.ensemble_decay = 0.0
     with pytest.raises(ExportError, match="example_inputs must be a tensor"):
         compile_batch1(network, [INPUTS[0]], tmp_path / "p.pt2")
+    with pytest.raises(ExportError, match="must end in .pt2"):
+        compile_batch1(network, INPUTS[:2], tmp_path / "p.so")
+    run_segment = network.backbone.run_segment
+    network.backbone.run_segment = lambda index, state: (run_segment(index, state),)  # a state of two parts
+    with pytest.raises(ExportError, match="segment 0 returns tuple, not one tensor"):
+        compile_batch1(network, INPUTS[:2], tmp_path / "p.pt2")
     assert not (tmp_path / "p.pt2").exists()
     with pytest.raises(FileNotFoundError, match="compile_batch1"):
         Batch1Program.load(tmp_path / "missing.pt2")
