@@ -11,8 +11,8 @@ AOTInductor into one package file, which Python (``Batch1Program.load``) or C++
     result = program(image[None])                   # EarlyExitResult of one sample
     program = Batch1Program.load("deploy/early_exit.pt2")
 
-On the CPU here it ran 1.3 (ResNet-56) to 2 times (ViT, digits CNN) faster than eager early exit
-with native exits (``benchmarks/compiled_batch1.py``). It takes one sample of the example's
+On the CPU here it ran 1.25 (ResNet-56) to 2 times (ViT) faster than eager early exit with
+native exits (``benchmarks/compiled_batch1.py``). It takes one sample of the example's
 shape at a time (``early_exit`` runs a batch sample by sample), and the network's backbone
 state between segments must be one tensor (the CNNs and ViTs, as for ``jei.export``).
 Ensembles and history gates are refused. Building takes seconds to a minute (ResNet-56) and a
