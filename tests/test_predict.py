@@ -338,3 +338,19 @@ def test_a_run_is_rebuilt_in_its_memory_format_and_with_its_folded_batchnorm(tra
     inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(network(inputs).logits, plain(inputs).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_trained_run_compiles_to_a_batch1_program_with_its_exits(trained, tmp_path):
+    """From a finished run to one compiled program (``jei.batch1_program``): on the run's own
+    (normalised) test inputs it gives the exits and logits of the loaded network's early exit."""
+    from jei.batch1_program import compile_batch1
+    from jei.predict import load
+
+    network = load(trained).network
+    config = json.loads((trained / "run.json").read_text())["config"]["data"]
+    inputs = load_digits(config["fractions"], config["seed"], config["max_per_split"]).splits["test"].inputs
+    program = compile_batch1(network, inputs[:8], tmp_path / "early_exit.pt2")
+    expected, result = network.early_exit(inputs), program.early_exit(inputs)
+    assert torch.equal(result.exit_index, expected.exit_index)
+    torch.testing.assert_close(result.logits, expected.logits, rtol=1e-5, atol=1e-5)
