@@ -109,6 +109,19 @@ class FrozenBackbone(nn.Module, ABC):
 ExitChoice = Union[str, Mapping[str, int], Sequence[int]]
 
 
+def class_token_norm_form(norm: nn.Module, after: nn.Module | None = None) -> tuple[str, Tensor, Tensor, float] | None:
+    """``native_represent``'s form (``jei.types.NativeRepresentation``) of a class token read
+    through ``norm`` and then ``after``: when ``norm`` is a plain ``nn.LayerNorm`` with weight
+    and bias over the last dimension, without hooks, and ``after`` is absent or an identity;
+    else None."""
+    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 or norm._forward_hooks or norm._forward_pre_hooks:
+        return None
+    if after is not None and type(after) is not nn.Identity:
+        return None
+    weight, bias = norm._parameters.get("weight"), norm._parameters.get("bias")
+    return None if weight is None or bias is None else ("class_token_layer_norm", weight, bias, float(norm.eps))
+
+
 def resolve_exits(exits: ExitChoice, num_blocks: int, *, field: str = "backbone.exits", unit: str = "block") -> list[int]:
     """The exit positions ``exits`` asks for, in the one numbering every adapter uses.
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from jei.types import ExitSpec
 
-from .base import ExitChoice, SequentialBackbone, resolve_exits
+from .base import ExitChoice, SequentialBackbone, class_token_norm_form, resolve_exits
 from .weights import load_keeping_head, load_torch_weights, read_state_dict
 
 
@@ -128,6 +128,10 @@ class T2TViT(SequentialBackbone):
     def represent(self, index: int, state: Tensor) -> Tensor:
         # The paper's ViT IMs read the final LayerNorm of the class token.
         return self.norm(state[:, 0])
+
+    def native_represent(self, index: int) -> tuple[str, Tensor, Tensor, float] | None:
+        """The class token's final LayerNorm, for native exits (``jei.types.NativeRepresentation``)."""
+        return class_token_norm_form(self.norm)
 
 
 class TokensToToken(nn.Module):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from jei.types import ExitSpec
 
-from .base import ExitChoice, SequentialBackbone, resolve_exits
+from .base import ExitChoice, SequentialBackbone, class_token_norm_form, resolve_exits
 from .weights import load_keeping_head, read_state_dict
 
 Step = tuple[str, Callable[[Any], Any]]
@@ -127,6 +127,12 @@ class TimmBackbone(SequentialBackbone):
         else:
             pooled = self.model.norm(state)[:, self.model.num_prefix_tokens :].mean(1)
         return self.model.fc_norm(pooled)  # identity unless the model pools before its norm
+
+    def native_represent(self, index: int) -> tuple[str, Tensor, Tensor, float] | None:
+        """The class token's final LayerNorm, for native exits (``jei.types.NativeRepresentation``)."""
+        if not self._is_vit or self.token != "cls":
+            return None
+        return class_token_norm_form(self.model.norm, self.model.fc_norm)
 
 
 def candidate_exits(model_name: str, **model_kwargs: Any) -> list[str]:

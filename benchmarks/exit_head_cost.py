@@ -34,7 +34,7 @@ from early_exit_limit import build_setup
 from speed_common import CLOCKS
 
 from jei.model import EarlyExitNetwork
-from jei.native_exits import native_plan, native_step
+from jei.native_exits import native_plan, native_step, representation_form
 from jei.policies import JEIRule, max_prob
 
 
@@ -63,7 +63,8 @@ def heads(network: EarlyExitNetwork, batch_size: int, compiled: bool, native: bo
             plan = native_plan(network)
             if isinstance(plan, str):
                 raise SystemExit(f"--native: {plan}")
-            step = native_step(backbone.represent, plan, policy, network.temperature, compacts_rows=False)  # heads only
+            step = native_step(backbone.represent, plan, policy, network.temperature, compacts_rows=False,  # heads only
+                               native_represent=representation_form(backbone))
             timed[f"{name} (native)"] = lambda index, state, step=step, decision=decision: step(index, state, decision)[3]
     if compiled:  # one compiled program per exit (its shapes and modules), for this batch size
         for name, fn in named.items():

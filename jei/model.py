@@ -18,6 +18,7 @@ from jei.native_exits import (
     load_kernel,
     native_plan,
     native_step,
+    representation_form,
 )
 from jei.policies import JEIRule
 from jei.types import EarlyExitResult, ExitOutputs, ExitPolicy
@@ -146,7 +147,8 @@ class EarlyExitNetwork(nn.Module):
     def _bind_native(self, plan: list[NativeExit], key: tuple[Any, ...]) -> Callable[[Any], EarlyExitResult]:
         backbone, policy, temperature, num_gates = self.backbone, self.policy, self.temperature, self.num_gates
         begin, batch_size, segment, select = backbone.begin, backbone.batch_size, backbone.run_segment, backbone.select
-        step = native_step(backbone.represent, plan, policy, temperature, plain_row_select(backbone))
+        step = native_step(backbone.represent, plan, policy, temperature, plain_row_select(backbone),
+                           representation_form(backbone))
 
         def run(inputs: Any) -> EarlyExitResult:  # (no ensemble or history gates: native_plan refuses them)
             try:

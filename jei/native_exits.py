@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "native_exits.cpp"
 # Codes shared with the kernel's ``Pool`` and ``Rule`` enums.
-POOLS = {"map": 0, "tokens": 1, "vector": 2}
+POOLS = {"map": 0, "tokens": 1, "vector": 2, "class_token_norm": 3}
 RULES = {"max_prob": 0, "negative_entropy": 1, "gate_logit": 2, "gate_probability": 3, "jei": 4}
 GATE_RULES = frozenset({"gate_logit", "gate_probability", "jei"})
 EMPTY = torch.empty(0)  # the kernel's "not used" argument
@@ -144,8 +144,18 @@ def native_plan(network: nn.Module) -> list[NativeExit] | str:
     return plan
 
 
+def representation_form(backbone: nn.Module) -> Callable[[int], tuple[str, Tensor, Tensor, float] | None] | None:
+    """The backbone's ``native_represent`` (``jei.types.NativeRepresentation``), unless a subclass
+    changed ``represent`` without describing itself again: None, and native exits call
+    ``represent`` in Python."""
+    if getattr(backbone, "native_represent", None) is None or not _describes(backbone, "native_represent", ("represent",)):
+        return None
+    return backbone.native_represent
+
+
 def native_step(
-    represent: Callable[[int, Any], Tensor], plan: list[NativeExit], policy: Any, temperature: Tensor, compacts_rows: bool
+    represent: Callable[[int, Any], Tensor], plan: list[NativeExit], policy: Any, temperature: Tensor, compacts_rows: bool,
+    native_represent: Callable[[int], tuple[str, Tensor, Tensor, float] | None] | None = None,
 ) -> NativeStep:
     """``step(index, state, decision) -> (logits, order, decision, count, staying state)`` for
     ``jei.model.stream_exits``: exit ``index``'s head, temperature, score or gate, decision and
@@ -155,9 +165,11 @@ def native_step(
     ``compacts_rows`` (the backbone's ``select`` is plain row selection,
     ``jei.memory_format.plain_row_select``) the kernel also copies out the staying samples'
     backbone state, when it is a plain, dense CPU tensor (otherwise ``select`` does).
-    Otherwise ``order`` and that state are None. The heads' forms and the policy's thresholds
-    are read at every call, so edits are seen; ``NativeExitsChanged`` when they no longer run
-    natively."""
+    Otherwise ``order`` and that state are None. With ``native_represent``
+    (``representation_form``), a vector IM's representation, the class token's LayerNorm, is
+    computed in the kernel too. The heads' forms, the representation's and the policy's
+    thresholds are read at every call, so edits are seen; ``NativeExitsChanged`` when they no
+    longer run natively."""
     kernel = load_kernel().exit_step
     jei = RULES["jei"]
 
@@ -169,12 +181,16 @@ def native_step(
         if form is None or gate_form is None or code is None:
             raise NativeExitsChanged(f"exit {index}'s IM, gate or rule is no longer one native exits run")
         kind, grid, weight, bias = form
-        features = represent(index, state)
+        norm = native_represent(index) if native_represent is not None and kind == "vector" else None
+        if norm is not None and norm[0] == "class_token_layer_norm":  # the representation in the kernel too
+            features, pool, norm_form = state, POOLS["class_token_norm"], norm[1:]
+        else:
+            features, pool, norm_form = represent(index, state), POOLS[kind], (EMPTY, EMPTY, 0.0)
         rows = state if compacts_rows and type(state) is Tensor else EMPTY  # (not a subclass: it would come back plain)
         try:
             logits, order, used, count, staying = kernel(
-                features, POOLS[kind], grid, weight, bias, temperature, index, code, threshold, *gate_form,
-                decision["used"] if code == jei else EMPTY, rows,
+                features, pool, grid, weight, bias, temperature, index, code, threshold, *gate_form,
+                decision["used"] if code == jei else EMPTY, rows, *norm_form,
             )
         except RuntimeError as error:  # the kernel refuses its inputs (dtype, device, shapes)
             raise NativeExitsChanged(str(error)) from error

@@ -102,6 +102,17 @@ class NativeIM(Protocol):
     def native_form(self) -> tuple[ExitKind, int, Tensor, Tensor] | None: ...
 
 
+class NativeRepresentation(Protocol):
+    """A backbone whose representation native exits can compute (``jei.native_exits``):
+    ``native_represent(index)`` returns ``("class_token_layer_norm", weight [C], bias [C], eps)``
+    when ``represent(index, state)`` is exactly ``layer_norm(state[:, 0], (C,), weight, bias,
+    eps)`` of tokens ``[B, N, C]`` (a ViT's class token under its final norm), and None
+    otherwise (then ``represent`` runs in Python). Read at every exit; a subclass that
+    overrides ``represent`` below the class that defines ``native_represent`` is run in Python."""
+
+    def native_represent(self, index: int) -> tuple[str, Tensor, Tensor, float] | None: ...
+
+
 class NativeGate(Protocol):
     """A gate native exits can run: ``native_form()`` returns ``(weight [1, 4], bias [1])`` when the
     gate logit is ``linear(uncertainty_features(logits), weight, bias)`` (the paper's gate,

@@ -27,7 +27,8 @@ from jei.registry import GATES, IMS
 from .helpers import tiny_network
 from .test_policies import fitted_policies
 
-TOLERANCE = 1e-4  # decisions are compared only for samples whose score is farther than this from the threshold
+TOLERANCE = 1e-4
+EMPTY = torch.empty(0)  # decisions are compared only for samples whose score is farther than this from the threshold
 
 
 def python_step(features, kind, grid, weight, bias, temperature, rule, threshold, gate_weight, gate_bias, used):
@@ -66,7 +67,7 @@ def in_batch_order(logits, order, used, count, batch):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    kind=st.sampled_from(["map", "channels_last", "tokens", "vector"]),
+    kind=st.sampled_from(["map", "channels_last", "tokens", "vector", "class_token_norm"]),
     rule=st.sampled_from(sorted(RULES)),
     batch=st.sampled_from([1, 2, 3, 5, 9, 16, 23]),  # from 16 on, the linear layer is one matrix product
     channels=st.integers(1, 12),
@@ -79,12 +80,15 @@ def in_batch_order(logits, order, used, count, batch):
 def test_the_kernel_agrees_with_the_python_path(kind, rule, batch, channels, side, grid, classes, temperature, seed):
     generator = torch.Generator().manual_seed(seed)
     shapes = {"map": (batch, channels, side, side), "channels_last": (batch, channels, side, side),
-              "tokens": (batch, side, channels), "vector": (batch, channels)}
-    features = torch.randn(shapes[kind], generator=generator) * 2
+              "tokens": (batch, side, channels), "vector": (batch, channels), "class_token_norm": (batch, side, channels)}
+    features = torch.randn(shapes[kind], generator=generator) * 2 + 0.5
     if kind == "channels_last":
         features = features.contiguous(memory_format=torch.channels_last)
     pool = "map" if kind == "channels_last" else kind
     grid = grid if pool == "map" else 1
+    # A ViT's representation: its class token under the final LayerNorm, computed in the kernel.
+    norm = (torch.randn(channels, generator=generator), torch.randn(channels, generator=generator), 1e-6)
+    represented = F.layer_norm(features[:, 0], (channels,), *norm) if kind == "class_token_norm" else features
     weight, bias = torch.randn(classes, channels * grid**2, generator=generator), torch.randn(classes, generator=generator)
     gate_weight, gate_bias = torch.randn(1, 4, generator=generator) * 3, torch.randn(1, generator=generator)
     used = torch.rand(batch, generator=generator) * 1.2  # some samples with nothing left (r <= 0)
@@ -95,10 +99,11 @@ def test_the_kernel_agrees_with_the_python_path(kind, rule, batch, channels, sid
     state = features if seed % 3 else torch.randn(batch, 3, side, 2, generator=generator).to(torch.float16)
     logits, order, used_after, count, staying = load_kernel().exit_step(
         features, POOLS[pool], grid, weight, bias, temperatures, 1, RULES[rule], threshold, gate_weight, gate_bias,
-        used if rule == "jei" else torch.empty(0), state,
+        used if rule == "jei" else torch.empty(0), state, *(norm if kind == "class_token_norm" else (EMPTY, EMPTY, 0.0)),
     )
     expected, expected_leaving, expected_used, margin = python_step(
-        features, pool, grid, weight, bias, temperature, rule, threshold, gate_weight, gate_bias, used)
+        represented, "vector" if kind == "class_token_norm" else pool, grid, weight, bias, temperature, rule, threshold,
+        gate_weight, gate_bias, used)
     if order is None:
         assert staying is None
     else:  # the staying samples' state, as the backbone's select_rows gathers it
@@ -237,13 +242,13 @@ def test_the_kernel_rejects_inputs_it_cannot_run():
     empty = torch.empty(0)
     with pytest.raises(RuntimeError, match="float32 CPU"):
         kernel(torch.randn(2, 3, dtype=torch.float64), POOLS["vector"], 1, torch.randn(4, 3), torch.randn(4),
-               torch.ones(2), 0, RULES["max_prob"], 0.5, empty, empty, empty, empty)
+               torch.ones(2), 0, RULES["max_prob"], 0.5, empty, empty, empty, empty, empty, empty, 0.0)
     with pytest.raises(RuntimeError, match="weight is not"):
         kernel(torch.randn(2, 3), POOLS["vector"], 1, torch.randn(4, 5), torch.randn(4), torch.ones(2), 0,
-               RULES["max_prob"], 0.5, empty, empty, empty, empty)
+               RULES["max_prob"], 0.5, empty, empty, empty, empty, empty, empty, 0.0)
     with pytest.raises(RuntimeError, match="running gate sum"):
         kernel(torch.randn(2, 3), POOLS["vector"], 1, torch.randn(4, 3), torch.randn(4), torch.ones(2), 0,
-               RULES["jei"], 0.0, torch.randn(1, 4), torch.randn(1), torch.zeros(3), empty)
+               RULES["jei"], 0.0, torch.randn(1, 4), torch.randn(1), torch.zeros(3), empty, empty, empty, 0.0)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
@@ -262,7 +267,7 @@ def test_non_finite_logits_never_leave_as_in_python(rule):
         used = torch.zeros(len(batch))
         logits, order, used_after, count, _ = load_kernel().exit_step(
             batch, POOLS["vector"], 1, w, bias, torch.ones(2), 0, RULES[rule], threshold, gate_weight, gate_bias,
-            used if rule == "jei" else torch.empty(0), torch.empty(0),
+            used if rule == "jei" else torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0), 0.0,
         )
         logits, leaving, used_after = in_batch_order(logits, order, used_after, count, len(batch))
         expected = python_step(batch, "vector", 1, w, bias, 1.0, rule, threshold, gate_weight, gate_bias, used)
@@ -394,7 +399,7 @@ def test_the_kernel_leaves_states_whose_bytes_are_not_their_values_to_select():
 
     def staying(state):
         *_, count, rows = kernel(features, POOLS["vector"], 1, weight, bias, torch.ones(2), 0, RULES["max_prob"],
-                                 0.9, empty, empty, empty, state)
+                                 0.9, empty, empty, empty, state, empty, empty, 0.0)
         assert count == 2
         return rows
 
@@ -404,3 +409,45 @@ def test_the_kernel_leaves_states_whose_bytes_are_not_their_values_to_select():
     assert staying(complex_state.conj()) is None and staying(torch._neg_view(plain)) is None
     assert staying(torch.quantize_per_tensor(plain, 0.5, 0, torch.quint8)) is None
     assert staying(plain.t().contiguous().t()) is None  # samples not one contiguous block each
+
+
+@pytest.mark.parametrize("adapter", ["timm", "t2t_vit"])
+def test_a_vits_class_token_norm_runs_in_the_kernel_with_pythons_exits(adapter):
+    """A ViT's representation (its class token under the final LayerNorm) is computed in the
+    kernel (``native_represent``): ``represent`` is not called, and the exits are Python's. A
+    subclass that changes ``represent`` without describing itself again keeps it called."""
+    from jei.backbones.t2t_vit import T2TViT
+    from jei.backbones.timm_adapter import TimmBackbone
+
+    from .helpers import with_heads
+
+    torch.manual_seed(0)
+    backbone = (TimmBackbone("test_vit", num_classes=5) if adapter == "timm"
+                else T2TViT("t2t_vit_7", num_classes=5, img_size=32, exits=[1, 3, 5])).freeze()
+    with torch.no_grad():  # a norm that is not the identity, so a skipped norm would show
+        backbone.norm.weight.normal_() if adapter == "t2t_vit" else backbone.model.norm.weight.normal_()
+    network = with_heads(backbone, 5)
+    generator = torch.Generator().manual_seed(2)
+    fit_inputs, inputs = torch.randn(48, 3, 32, 32, generator=generator), torch.randn(48, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        confidence = network(fit_inputs).logits[:-1].softmax(-1).amax(-1).median(dim=1).values
+    network.policy = ConfidenceThreshold("max_prob", confidence.tolist())
+    expected = network.early_exit(inputs)
+    assert len(expected.exit_index.unique()) > 2
+    base, calls = type(backbone), []
+
+    class OwnRepresent(base):
+        def represent(self, index, state):
+            calls.append(index)
+            return super().represent(index, state)
+
+    for cls in (base, OwnRepresent):
+        native = copy.deepcopy(network)
+        native.backbone.__class__ = cls
+        native.use_native_exits()
+        calls.clear()
+        for batch in (inputs, inputs[:1], inputs[7:8]):
+            result, python = native.early_exit(batch), network.early_exit(batch)
+            assert torch.equal(result.exit_index, python.exit_index)
+            torch.testing.assert_close(result.logits, python.logits, rtol=1e-4, atol=1e-5)
+        assert (len(calls) > 0) == (cls is OwnRepresent)

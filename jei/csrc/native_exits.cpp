@@ -23,7 +23,7 @@
 namespace {
 
 // Kept in step with jei/native_exits.py.
-enum Pool : int64_t { kMap = 0, kTokens = 1, kVector = 2 };
+enum Pool : int64_t { kMap = 0, kTokens = 1, kVector = 2, kClassTokenNorm = 3 };
 enum Rule : int64_t { kMaxProb = 0, kNegativeEntropy = 1, kGateLogit = 2, kGateProbability = 3, kJEI = 4 };
 constexpr int64_t kBatchedLinear = 16;  // the batch size from which the IM's linear layer is one matrix product
 
@@ -57,8 +57,30 @@ float window_mean(const float* base, const at::Tensor& map, int64_t c, int64_t h
 // The pooled representation of sample b as jei.heads.ims.global_pool computes it: [C] (a map's
 // spatial mean, the tokens' mean, the vector), or with grid > 1 a map's adaptive average pool
 // to grid x grid cells, flattened channel-major as torch's flatten(1) orders it.
-void pool_sample(const at::Tensor& features, int64_t pool, int64_t grid, int64_t b, float* pooled, int64_t channels) {
+// The LayerNorm of sample b's class token (token 0 of [B, N, C], C contiguous) with per-channel
+// weight and bias, as torch.nn.functional.layer_norm computes it (two-pass moments, in float).
+struct ClassTokenNorm {
+  const float* weight;
+  const float* bias;
+  float eps;
+};
+
+void class_token_norm(const float* token, int64_t channels, const ClassTokenNorm& norm, float* out) {
+  const float mean = sum_contiguous(token, channels) / static_cast<float>(channels);
+  float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t c = 0; c < channels; ++c) squares += (token[c] - mean) * (token[c] - mean);
+  const float inverse_std = 1.0f / std::sqrt(squares / static_cast<float>(channels) + norm.eps);
+  for (int64_t c = 0; c < channels; ++c) out[c] = (token[c] - mean) * inverse_std * norm.weight[c] + norm.bias[c];
+}
+
+void pool_sample(const at::Tensor& features, int64_t pool, int64_t grid, int64_t b, float* pooled, int64_t channels,
+                 const ClassTokenNorm& norm) {
   const float* base = features.data_ptr<float>() + b * features.stride(0);
+  if (pool == kClassTokenNorm) {
+    class_token_norm(base, channels, norm, pooled);
+    return;
+  }
   if (pool == kVector) {
     std::copy(base, base + channels, pooled);
     return;
@@ -166,7 +188,9 @@ at::Tensor staying_rows(const at::Tensor& state, const std::vector<char>& leaves
 }  // namespace
 
 // features: the exit's representation (float32 CPU): [B, C, H, W] (contiguous or channels-last)
-// for pool=map (grid: the IM's pool_size), [B, N, C] for tokens, [B, C] for vector. weight [K, C], bias [K]: the IM's
+// for pool=map (grid: the IM's pool_size), [B, N, C] for tokens, [B, C] for vector; or, for
+// class_token_norm, the backbone's tokens [B, N, C], whose class token's LayerNorm (norm_weight,
+// norm_bias [C], norm_eps) is the representation a vector IM reads (otherwise those are empty). weight [K, C], bias [K]: the IM's
 // linear layer. temperatures [G + 1]: every exit's (the network's buffer), index: this exit's. rule, threshold: the policy (see Rule;
 // thresholds on its "higher is surer" scale). gate_weight [1, 4], gate_bias [1]: the JEI gate
 // (rules that read it). used [B]: JEI's running gate sum (rule kJEI; otherwise empty). state:
@@ -180,18 +204,18 @@ at::Tensor staying_rows(const at::Tensor& state, const std::vector<char>& leaves
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, at::Tensor> exit_step(
     const at::Tensor& features, int64_t pool, int64_t grid, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& temperatures, int64_t index,
     int64_t rule, double threshold, const at::Tensor& gate_weight, const at::Tensor& gate_bias, const at::Tensor& used,
-    const at::Tensor& state) {
+    const at::Tensor& state, const at::Tensor& norm_weight, const at::Tensor& norm_bias, double norm_eps) {
   // Every tensor's device and dtype, once: the checks below are about shapes.
-  for (const at::Tensor* tensor : {&features, &weight, &bias, &temperatures, &gate_weight, &gate_bias, &used})
+  for (const at::Tensor* tensor : {&features, &weight, &bias, &temperatures, &gate_weight, &gate_bias, &used, &norm_weight, &norm_bias})
     TORCH_CHECK(!tensor->defined() || tensor->numel() == 0 || (tensor->device().is_cpu() && tensor->scalar_type() == at::kFloat),
                 "native exits run on float32 CPU tensors; got ", tensor->scalar_type(), " on ", tensor->device());
-  TORCH_CHECK(pool >= kMap && pool <= kVector && rule >= kMaxProb && rule <= kJEI && grid >= 1,
+  TORCH_CHECK(pool >= kMap && pool <= kClassTokenNorm && rule >= kMaxProb && rule <= kJEI && grid >= 1,
               "native exits: bad pool, grid or rule code");
-  const int64_t dims = pool == kMap ? 4 : pool == kTokens ? 3 : 2;
+  const int64_t dims = pool == kMap ? 4 : pool == kVector ? 2 : 3;
   TORCH_CHECK(features.dim() == dims, "native exits: expected a ", dims, "-d representation, got ", features.dim(), "-d");
   at::Tensor input = features;
   const bool rows_contiguous = pool == kMap ? (features.is_contiguous() || features.is_contiguous(at::MemoryFormat::ChannelsLast))
-                                            : features.stride(dims - 1) == 1 && (pool == kVector || features.stride(1) == features.size(2));
+                                            : features.stride(dims - 1) == 1 && (pool != kTokens || features.stride(1) == features.size(2));
   if (!rows_contiguous) input = features.contiguous();
   // The pooled width: C, or C x grid x grid for a map pooled to a grid.
   const int64_t grid_cells = pool == kMap ? grid * grid : 1;
@@ -208,6 +232,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, at::Tensor> exit_step(
     gb = gate_bias.contiguous();
   }
   TORCH_CHECK(rule != kJEI || used.numel() == batch, "native exits: JEI's running gate sum must have one value per sample");
+  at::Tensor nw, nb;
+  if (pool == kClassTokenNorm) {
+    TORCH_CHECK(norm_weight.numel() == input.size(2) && norm_bias.numel() == input.size(2),
+                "native exits: the class token's LayerNorm needs one weight and one bias per channel");
+    nw = norm_weight.contiguous();
+    nb = norm_bias.contiguous();
+  }
+  const ClassTokenNorm norm{pool == kClassTokenNorm ? nw.data_ptr<float>() : nullptr,
+                            pool == kClassTokenNorm ? nb.data_ptr<float>() : nullptr, static_cast<float>(norm_eps)};
   TORCH_CHECK(index >= 0 && index < temperatures.numel(), "native exits: no temperature for exit ", index);
   const float temperature = temperatures.contiguous().data_ptr<float>()[index];
   const float limit = static_cast<float>(threshold);  // compared in float, as torch compares a float tensor
@@ -234,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, at::Tensor> exit_step(
     if (pool != kVector) {
       float* rows = pooled.data_ptr<float>();
       at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t s = begin; s < end; ++s) pool_sample(input, pool, grid, s, rows + s * channels, channels);
+        for (int64_t s = begin; s < end; ++s) pool_sample(input, pool, grid, s, rows + s * channels, channels, norm);
       });
     }
     at::NoGradGuard no_graph;  // the IM's parameters require grad: no graph for the caller
@@ -246,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, at::Tensor> exit_step(
     for (int64_t s = begin; s < end; ++s) {
       float* z = out + s * classes;
       if (!batched) {
-        pool_sample(input, pool, grid, s, pooled.data(), channels);
+        pool_sample(input, pool, grid, s, pooled.data(), channels, norm);
         for (int64_t k = 0; k < classes; ++k) {
           float total = 0.0f;
           const float* row = weights + k * channels;
