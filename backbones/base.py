@@ -109,12 +109,14 @@ class FrozenBackbone(nn.Module, ABC):
 ExitChoice = Union[str, Mapping[str, int], Sequence[int]]
 
 
-def class_token_norm_form(norm: nn.Module, after: nn.Module | None = None) -> tuple[str, Tensor, Tensor, float] | None:
+def class_token_norm_form(
+    norm: nn.Module, after: nn.Module | None = None, layer_norms: tuple[type, ...] = (nn.LayerNorm,)
+) -> tuple[str, Tensor, Tensor, float] | None:
     """``native_represent``'s form (``jei.types.NativeRepresentation``) of a class token read
-    through ``norm`` and then ``after``: when ``norm`` is a plain ``nn.LayerNorm`` with weight
-    and bias over the last dimension, without hooks, and ``after`` is absent or an identity;
-    else None."""
-    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 or norm._forward_hooks or norm._forward_pre_hooks:
+    through ``norm`` and then ``after``: when ``norm`` is exactly one of ``layer_norms`` (classes
+    that compute ``F.layer_norm``; a subclass may compute something else) with weight and bias
+    over the last dimension, without hooks, and ``after`` is absent or an identity; else None."""
+    if type(norm) not in layer_norms or len(norm.normalized_shape) != 1 or norm._forward_hooks or norm._forward_pre_hooks:
         return None
     if after is not None and type(after) is not nn.Identity:
         return None

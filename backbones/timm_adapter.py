@@ -12,6 +12,8 @@ the tests check this against ``model(x)`` and ``forward_intermediates``.
 
 from __future__ import annotations
 
+import functools
+
 import socket
 from collections.abc import Callable
 from typing import Any, Literal
@@ -130,9 +132,19 @@ class TimmBackbone(SequentialBackbone):
 
     def native_represent(self, index: int) -> tuple[str, Tensor, Tensor, float] | None:
         """The class token's final LayerNorm, for native exits (``jei.types.NativeRepresentation``)."""
-        if not self._is_vit or self.token != "cls":
+        norm = self.model.norm
+        if not self._is_vit or self.token != "cls" or getattr(norm, "_fast_norm", False):
             return None
-        return class_token_norm_form(self.model.norm, self.model.fc_norm)
+        return class_token_norm_form(norm, self.model.fc_norm, _layer_norms())
+
+
+@functools.cache
+def _layer_norms() -> tuple[type, ...]:
+    """The norms a timm ViT's final norm may be that compute ``F.layer_norm``: torch's, and
+    timm's own (unless its fast-norm flag is set, checked by the caller)."""
+    from timm.layers import LayerNorm
+
+    return nn.LayerNorm, LayerNorm
 
 
 def candidate_exits(model_name: str, **model_kwargs: Any) -> list[str]:

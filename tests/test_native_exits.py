@@ -441,13 +441,23 @@ def test_a_vits_class_token_norm_runs_in_the_kernel_with_pythons_exits(adapter):
             calls.append(index)
             return super().represent(index, state)
 
+    kernel, pools = load_kernel(), []
+
+    class Recording:  # the kernel, recording which representation each call computes
+        def exit_step(self, features, pool, *rest):
+            pools.append(pool)
+            return kernel.exit_step(features, pool, *rest)
+
     for cls in (base, OwnRepresent):
         native = copy.deepcopy(network)
         native.backbone.__class__ = cls
-        native.use_native_exits()
-        calls.clear()
-        for batch in (inputs, inputs[:1], inputs[7:8]):
-            result, python = native.early_exit(batch), network.early_exit(batch)
-            assert torch.equal(result.exit_index, python.exit_index)
-            torch.testing.assert_close(result.logits, python.logits, rtol=1e-4, atol=1e-5)
+        with mock.patch("jei.native_exits.load_kernel", Recording):
+            native.use_native_exits()
+            calls.clear()
+            pools.clear()
+            for batch in (inputs, inputs[:1], inputs[7:8]):
+                result, python = native.early_exit(batch), network.early_exit(batch)
+                assert torch.equal(result.exit_index, python.exit_index)
+                torch.testing.assert_close(result.logits, python.logits, rtol=1e-4, atol=1e-5)
         assert (len(calls) > 0) == (cls is OwnRepresent)
+        assert set(pools) == {POOLS["vector"] if cls is OwnRepresent else POOLS["class_token_norm"]}
