@@ -132,10 +132,9 @@ class TimmBackbone(SequentialBackbone):
 
     def native_represent(self, index: int) -> tuple[str, Tensor, Tensor, float] | None:
         """The class token's final LayerNorm, for native exits (``jei.types.NativeRepresentation``)."""
-        norm = self.model.norm
-        if not self._is_vit or self.token != "cls" or getattr(norm, "_fast_norm", False):
+        if not self._is_vit or self.token != "cls" or getattr(self.model.norm, "_fast_norm", False):
             return None
-        return class_token_norm_form(norm, self.model.fc_norm, _layer_norms())
+        return class_token_norm_form(self.model.norm, self.model.fc_norm, _layer_norms())
 
 
 @functools.cache

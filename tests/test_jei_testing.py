@@ -219,3 +219,18 @@ def test_jei_testing_imports_neither_pytest_nor_hypothesis() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_native_representation_that_does_not_describe_represent_is_caught() -> None:
+    """A backbone's ``native_represent`` (the class token's LayerNorm) must be what ``represent``
+    computes: native exits would compute it instead."""
+    from jei.backbones.timm_adapter import TimmBackbone
+
+    torch.manual_seed(0)
+    backbone = TimmBackbone("test_vit", num_classes=3, exits=[1])
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    check_backbone(backbone, images)  # the adapter's own form describes its represent
+    norm = backbone.model.norm
+    backbone.native_represent = lambda index: ("class_token_layer_norm", norm.weight, norm.bias + 1.0, norm.eps)
+    with pytest.raises(AssertionError, match=r"native_represent\(0\) does not describe represent"):
+        check_backbone(backbone, images)

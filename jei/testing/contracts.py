@@ -9,7 +9,8 @@ What the framework relies on, and so what these checks test:
   network) does not undo that; ``forward_exits`` returns one representation per exit, shaped as
   its ``ExitSpec`` says, and the logits of the backbone's own head; running ``begin`` /
   ``run_segment`` / ``represent`` by hand gives the same; and dropping samples with ``select``
-  between segments (real early exit) leaves the remaining samples' rows unchanged.
+  between segments (real early exit) leaves the remaining samples' rows unchanged; a
+  ``native_represent`` (``jei.types.NativeRepresentation``), if any, describes ``represent``.
 - **IM**: ``im(features)`` gives ``[B, K]`` logits and equals ``im.classifier(im.pool(features))``
   (the trainer caches ``pool``'s output once, so ``pool`` must be parameter-free and
   deterministic); its parameters are trainable; samples do not interact.
@@ -173,6 +174,7 @@ def check_backbone(
     )
 
     _check_segments_by_hand(backbone, example_inputs, features, logits, atol, rtol)
+    _check_native_representation(backbone, example_inputs, atol, rtol)
     for plan in _keep_plans(batch, len(specs), random_plans, seed):
         check_select_keeps_rows(backbone, example_inputs, plan, reference=reference, atol=atol, rtol=rtol)
     _require(
@@ -257,6 +259,35 @@ def _check_logits(name: str, logits: Any, batch: int, num_classes: int, what: st
         f"{name}: {what} returned shape {tuple(logits.shape)}, expected [batch, num_classes] = {(batch, num_classes)}",
     )
     _require(bool(torch.isfinite(logits).all()), f"{name}: {what} returned NaN or infinite logits")
+
+
+def _check_native_representation(backbone: nn.Module, example_inputs: Any, atol: float, rtol: float) -> None:
+    """What ``native_represent`` says native exits may compute instead of ``represent`` is what
+    ``represent`` computes, at every exit that describes itself."""
+    describe = getattr(backbone, "native_represent", None)
+    if describe is None:
+        return
+    name = type(backbone).__name__
+    with torch.no_grad():
+        state = backbone.begin(example_inputs)
+        for index in range(len(backbone.exit_specs)):
+            state = backbone.run_segment(index, state)
+            form = describe(index)
+            if form is None:
+                continue
+            _require(
+                len(form) == 4 and form[0] == "class_token_layer_norm",
+                f"{name}.native_represent({index}) gave {form[0]!r}: the one known form is "
+                f"('class_token_layer_norm', weight, bias, eps), or None to keep represent in Python",
+            )
+            _, weight, bias, eps = form
+            described = F.layer_norm(state[:, 0], (state.shape[-1],), weight, bias, eps)
+            seen = backbone.represent(index, state)
+            _require(
+                _close(described, seen, atol, rtol),
+                f"{name}.native_represent({index}) does not describe represent(index, state) "
+                f"({_max_diff(described, seen)}): native exits would compute other features; return None there",
+            )
 
 
 def _check_segments_by_hand(
