@@ -342,20 +342,27 @@ def test_a_weight_norm_added_after_switching_on_falls_back_to_python():
     assert torch.equal(actual.exit_index, network.early_exit(inputs).exit_index)
 
 
+def spread_max_prob(network, shape, seed):
+    """Random inputs of ``shape`` and a max-prob policy on ``network`` at each exit's median
+    confidence on other samples (a threshold on one of these samples' own scores could fall
+    either way under rounding): samples leave at several exits, so the batch is compacted.
+    Returns the inputs and their early exit on the Python path."""
+    generator = torch.Generator().manual_seed(seed)
+    fit_inputs, inputs = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    with torch.no_grad():
+        confidence = network(fit_inputs).logits[:-1].softmax(-1).amax(-1).median(dim=1).values
+    network.policy = ConfidenceThreshold("max_prob", confidence.tolist())
+    expected = network.early_exit(inputs)
+    assert len(expected.exit_index.unique()) > 2
+    return inputs, expected
+
+
 def test_native_exits_compact_the_state_themselves_unless_select_is_overridden():
     """The base backbone's ``select`` is plain row selection (``selects_rows``): the kernel copies
     the staying rows out and ``select`` is not called. A backbone that overrides ``select``
     keeps it called, with the same exits either way."""
     network = tiny_network(4)
-    generator = torch.Generator().manual_seed(5)
-    fit_inputs, inputs = torch.randn(64, 1, 8, 8, generator=generator), torch.randn(64, 1, 8, 8, generator=generator)
-    # Each exit's median confidence on other samples (a threshold on one of these samples' own
-    # scores could fall either way under rounding): about half the samples leave at each exit.
-    with torch.no_grad():
-        confidence = network(fit_inputs).logits[:-1].softmax(-1).amax(-1).median(dim=1).values
-    network.policy = ConfidenceThreshold("max_prob", confidence.tolist())
-    expected = network.early_exit(inputs)
-    assert len(expected.exit_index.unique()) > 2  # samples leave at several exits: the batch is compacted
+    inputs, expected = spread_max_prob(network, (64, 1, 8, 8), seed=5)
     base = type(network.backbone)
     calls = []
 
@@ -427,13 +434,7 @@ def test_a_vits_class_token_norm_runs_in_the_kernel_with_pythons_exits(adapter):
     with torch.no_grad():  # a norm that is not the identity, so a skipped norm would show
         backbone.norm.weight.normal_() if adapter == "t2t_vit" else backbone.model.norm.weight.normal_()
     network = with_heads(backbone, 5)
-    generator = torch.Generator().manual_seed(2)
-    fit_inputs, inputs = torch.randn(48, 3, 32, 32, generator=generator), torch.randn(48, 3, 32, 32, generator=generator)
-    with torch.no_grad():
-        confidence = network(fit_inputs).logits[:-1].softmax(-1).amax(-1).median(dim=1).values
-    network.policy = ConfidenceThreshold("max_prob", confidence.tolist())
-    expected = network.early_exit(inputs)
-    assert len(expected.exit_index.unique()) > 2
+    inputs, expected = spread_max_prob(network, (48, 3, 32, 32), seed=2)
     base, calls = type(backbone), []
 
     class OwnRepresent(base):
