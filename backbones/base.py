@@ -118,7 +118,7 @@ def class_token_norm_form(
     over the last dimension, without hooks, and ``after`` is absent or an identity; else None."""
     if type(norm) not in layer_norms or len(norm.normalized_shape) != 1 or norm._forward_hooks or norm._forward_pre_hooks:
         return None
-    if after is not None and type(after) is not nn.Identity:
+    if after is not None and (type(after) is not nn.Identity or after._forward_hooks or after._forward_pre_hooks):
         return None
     weight, bias = norm._parameters.get("weight"), norm._parameters.get("bias")
     return None if weight is None or bias is None else ("class_token_layer_norm", weight, bias, float(norm.eps))

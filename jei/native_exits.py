@@ -103,6 +103,11 @@ def _describes(obj: object, form: str, methods: tuple[str, ...]) -> bool:
     )
 
 
+def _global_hooks() -> bool:
+    """Whether global forward hooks are registered (``nn.modules.module.register_module_forward_hook``)."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether a forward hook on ``module`` or a submodule would see what native exits skip."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
@@ -120,7 +125,7 @@ def native_plan(network: nn.Module) -> list[NativeExit] | str:
         return f"the policy {type(policy).__name__} has no native_rule for its step"
     if network.temperature.device.type != "cpu" or network.temperature.dtype != torch.float32:
         return "the network's temperatures are not float32 on the CPU"
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if _global_hooks():
         return "global forward hooks are registered (native exits would skip them)"
     plan = []
     for index, (im, gate) in enumerate(zip(network.ims, network.gates)):
@@ -150,6 +155,8 @@ def representation_form(backbone: nn.Module) -> Callable[[int], tuple[str, Tenso
     ``represent`` in Python."""
     if getattr(backbone, "native_represent", None) is None or not _describes(backbone, "native_represent", ("represent",)):
         return None
+    if "represent" in vars(backbone):  # replaced on the instance: only Python knows what it computes
+        return None
     return backbone.native_represent
 
 
@@ -174,6 +181,8 @@ def native_step(
     jei = RULES["jei"]
 
     def step(index: int, state: Any, decision: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, dict[str, Tensor], int, Any]:
+        if _global_hooks():  # registered since the run was made: they would not see the heads
+            raise NativeExitsChanged("global forward hooks are registered (native exits would skip them)")
         exit_ = plan[index]
         rule, threshold = policy.native_rule(index)
         form, code = exit_.im.native_form(), RULES.get(rule)

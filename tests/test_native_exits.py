@@ -462,3 +462,59 @@ def test_a_vits_class_token_norm_runs_in_the_kernel_with_pythons_exits(adapter):
                 torch.testing.assert_close(result.logits, python.logits, rtol=1e-4, atol=1e-5)
         assert (len(calls) > 0) == (cls is OwnRepresent)
         assert set(pools) == {POOLS["vector"] if cls is OwnRepresent else POOLS["class_token_norm"]}
+
+
+def test_a_global_hook_registered_after_binding_sends_the_call_to_python():
+    network = tiny_network(5)
+    inputs, _ = spread_max_prob(network, (32, 1, 8, 8), seed=6)
+    native = copy.deepcopy(network).use_native_exits()
+    native.early_exit(inputs)  # bound
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: output * 2 if module is network.ims[0] or module is native.ims[0] else None)
+    try:
+        expected = network.early_exit(inputs)
+        with pytest.warns(UserWarning, match="global forward hooks"):
+            result = native.early_exit(inputs)
+    finally:
+        handle.remove()
+    assert torch.equal(result.exit_index, expected.exit_index)
+    torch.testing.assert_close(result.logits, expected.logits)
+
+
+def test_a_vits_representation_stays_in_python_when_the_kernel_would_miss_something():
+    """A hook on the norm after it (``fc_norm``), or ``represent`` replaced on the instance: the
+    representation runs in Python (``representation_form`` None), with the same results; a
+    subclass that overrides ``represent`` passes ``check_backbone``; and the kernel refuses a
+    state with no class token."""
+    from jei.backbones.timm_adapter import TimmBackbone
+    from jei.native_exits import representation_form
+    from jei.testing import check_backbone
+
+    from .helpers import with_heads
+
+    torch.manual_seed(0)
+    network = with_heads(TimmBackbone("test_vit", num_classes=5).freeze(), 5)
+    inputs, _ = spread_max_prob(network, (24, 3, 32, 32), seed=3)
+    assert representation_form(network.backbone) is not None
+    hooked = copy.deepcopy(network)
+    hooked.backbone.model.fc_norm.register_forward_hook(lambda module, args, output: output * 3)
+    patched = copy.deepcopy(network)
+    plain = patched.backbone.represent
+    patched.backbone.represent = lambda index, state: plain(index, state) * 2
+    assert hooked.backbone.native_represent(0) is None and representation_form(patched.backbone) is None
+    for changed in (hooked, patched):
+        expected = changed.early_exit(inputs)
+        result = copy.deepcopy(changed).use_native_exits().early_exit(inputs)
+        assert torch.equal(result.exit_index, expected.exit_index)
+        torch.testing.assert_close(result.logits, expected.logits, rtol=1e-4, atol=1e-5)
+
+    class Scaled(TimmBackbone):  # its own represent: native exits (and so the contract) leave it to Python
+        def represent(self, index, state):
+            return 2 * super().represent(index, state)
+
+    torch.manual_seed(0)
+    check_backbone(Scaled("test_vit", num_classes=5), torch.randn(2, 3, 32, 32))
+    weight = torch.ones(4)
+    with pytest.raises(RuntimeError, match="at least one token"):
+        load_kernel().exit_step(torch.empty(2, 0, 4), POOLS["class_token_norm"], 1, torch.randn(3, 4), torch.randn(3),
+                                torch.ones(2), 0, RULES["max_prob"], 0.5, EMPTY, EMPTY, EMPTY, EMPTY, weight, weight, 1e-6)

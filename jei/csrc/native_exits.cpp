@@ -234,6 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, at::Tensor> exit_step(
   TORCH_CHECK(rule != kJEI || used.numel() == batch, "native exits: JEI's running gate sum must have one value per sample");
   at::Tensor nw, nb;
   if (pool == kClassTokenNorm) {
+    TORCH_CHECK(input.size(1) >= 1, "native exits: the class token's LayerNorm needs at least one token");
     TORCH_CHECK(norm_weight.numel() == input.size(2) && norm_bias.numel() == input.size(2),
                 "native exits: the class token's LayerNorm needs one weight and one bias per channel");
     nw = norm_weight.contiguous();
