@@ -43,23 +43,9 @@ from speed_common import CLOCKS, cumulative_shares, exit_costs, exit_fractions, 
 
 from jei.batch1_program import compile_batch1
 from jei.export import ExportError, _Segment
-from jei.model import EarlyExitNetwork
 from jei.policies import BudgetedThreshold
 
 FIT_IMAGES = 512
-
-
-class Chain(nn.Module):
-    """The backbone as one program: every segment in turn."""
-
-    def __init__(self, network: EarlyExitNetwork) -> None:
-        super().__init__()
-        self.segments = nn.ModuleList(_Segment(network.backbone, i) for i in range(network.num_gates + 1))
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        for segment in self.segments:
-            inputs = segment(inputs)
-        return inputs
 
 
 class Noop(nn.Module):
@@ -95,7 +81,7 @@ def run_setup(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
         return {"setup": name, "layout": args.layout, "refused": str(refusal)}
     build = time.perf_counter() - start
     with torch.no_grad():
-        chain, _ = compiled(Chain(network), singles[0], workdir / f"{name}_backbone.pt2")
+        chain, _ = compiled(network.backbone, singles[0], workdir / f"{name}_backbone.pt2")  # forward: every segment
         noop, _ = compiled(Noop(), singles[0], workdir / f"{name}_noop.pt2")
         segments, eager_segments, state = [], [], singles[0]
         for index in range(gates + 1):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jei.export import ExportError, _Head, _Segment
+from jei.export import ExportError, _Head, _Segment, segment_states
 from jei.model import EarlyExitNetwork
 from jei.types import EarlyExitResult
 
@@ -147,11 +147,6 @@ def _refusal(network: EarlyExitNetwork, example_inputs: Any, path: Path) -> str 
         return "gates that read earlier exits (history) are not supported: use the default gate (history: null)"
     if not isinstance(example_inputs, Tensor) or example_inputs.dim() < 2 or example_inputs.shape[0] < 1:
         return "example_inputs must be a tensor batch with the batch first, of at least one sample"
-    backbone, state = network.backbone, example_inputs[:1]
-    for index in range(network.num_gates):  # the state between segments must be one tensor
-        state = backbone.run_segment(index, backbone.begin(state) if index == 0 else state)
-        if not isinstance(state, Tensor):
-            return f"segment {index} returns {type(state).__name__}, not one tensor: the pass cannot be one program"
     return None
 
 
@@ -174,6 +169,7 @@ def compile_batch1(
     reason = _refusal(network, example_inputs, path)
     if reason is not None:
         raise ExportError(f"compile_batch1: {reason}")
+    segment_states(network, example_inputs[:1])  # the state between segments must be one tensor
     samples = [example_inputs[position : position + 1].contiguous() for position in range(example_inputs.shape[0])]
     expected = [network.early_exit(sample) for sample in samples]
     metadata = {

@@ -102,16 +102,25 @@ def example_chain_inputs(network: EarlyExitNetwork, example_inputs: Tensor) -> d
         raise ExportError("export needs an example batch of at least 2 samples (a batch of 1 would fix the batch size)")
     backbone = network.backbone
     examples: dict[str, Tensor] = {"segment_0": example_inputs}
-    state = example_inputs
-    for index in range(network.num_gates):
-        state = backbone.run_segment(index, backbone.begin(state) if index == 0 else state)
-        if not isinstance(state, Tensor):
-            raise ExportError(f"segment {index} returns {type(state).__name__}, not one tensor: it cannot be exported")
+    for index, state in enumerate(segment_states(network, example_inputs)):
         examples[f"segment_{index + 1}"] = state
         examples[f"im_{index}"] = state
         raw = network.ims[index](backbone.represent(index, state))
         examples[f"gate_{index}"] = network._scaled(raw, index)
     return examples
+
+
+@torch.no_grad()
+def segment_states(network: EarlyExitNetwork, inputs: Tensor) -> list[Tensor]:
+    """The backbone's state after each intermediate segment on ``inputs``; ``ExportError`` when
+    one is not a single tensor (the graph backbone's), which no tensor program can carry."""
+    backbone, state, states = network.backbone, inputs, []
+    for index in range(network.num_gates):
+        state = backbone.run_segment(index, backbone.begin(state) if index == 0 else state)
+        if not isinstance(state, Tensor):
+            raise ExportError(f"segment {index} returns {type(state).__name__}, not one tensor: it cannot be exported")
+        states.append(state)
+    return states
 
 
 @dataclass
