@@ -132,9 +132,15 @@ class TimmBackbone(SequentialBackbone):
 
     def native_represent(self, index: int) -> tuple[str, Tensor, Tensor, float] | None:
         """The class token's final LayerNorm, for native exits (``jei.types.NativeRepresentation``)."""
-        if not self._is_vit or self.token != "cls" or getattr(self.model.norm, "_fast_norm", False):
+        if not self._is_vit or self.token != "cls":
             return None
-        return class_token_norm_form(self.model.norm, self.model.fc_norm, _layer_norms())
+        # Read from the module dicts: native exits call this at every exit they reach, and each
+        # ``Module.__getattr__`` costs about as much as the kernel's work on one image.
+        modules = self._modules["model"]._modules
+        norm = modules["norm"]
+        if vars(norm).get("_fast_norm", False):  # (timm sets the flag on the instance)
+            return None
+        return class_token_norm_form(norm, modules["fc_norm"], _layer_norms())
 
 
 @functools.cache

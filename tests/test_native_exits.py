@@ -502,6 +502,10 @@ def test_a_vits_representation_stays_in_python_when_the_kernel_would_miss_someth
     plain = patched.backbone.represent
     patched.backbone.represent = lambda index, state: plain(index, state) * 2
     assert hooked.backbone.native_represent(0) is None and representation_form(patched.backbone) is None
+    fast, replaced = copy.deepcopy(network), copy.deepcopy(network)
+    fast.backbone.model.norm._fast_norm = True  # timm's fast norm: not F.layer_norm
+    replaced.backbone.model.norm = torch.nn.Identity()
+    assert fast.backbone.native_represent(0) is None and replaced.backbone.native_represent(0) is None
     for changed in (hooked, patched):
         expected = changed.early_exit(inputs)
         result = copy.deepcopy(changed).use_native_exits().early_exit(inputs)
