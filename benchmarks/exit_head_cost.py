@@ -12,7 +12,8 @@ it, image batch after image batch; and **hot**, called back to back on one input
 micro-benchmark sees). Both are reported per exit (median over exits and batches) and as a
 share of the median segment's time. ``--compile`` also times the same heads under
 ``torch.compile`` (the compile itself is not timed), ``--native`` as native exits run them
-(``jei.native_exits``: one kernel call that also counts who leaves). Setups, data and weights as in
+(``jei.native_exits``: one kernel call that also counts who leaves), with, as a row of its own,
+what native exits do once per call: read every exit's forms. Setups, data and weights as in
 ``early_exit_limit.py``.
 """
 
@@ -34,7 +35,7 @@ from early_exit_limit import build_setup
 from speed_common import CLOCKS
 
 from jei.model import EarlyExitNetwork
-from jei.native_exits import native_plan, native_step, representation_form
+from jei.native_exits import native_plan, native_steps, representation_form
 from jei.policies import JEIRule, max_prob
 
 
@@ -63,9 +64,11 @@ def heads(network: EarlyExitNetwork, batch_size: int, compiled: bool, native: bo
             plan = native_plan(network)
             if isinstance(plan, str):
                 raise SystemExit(f"--native: {plan}")
-            step = native_step(backbone.represent, plan, policy, network.temperature, compacts_rows=False,  # heads only
-                               native_represent=representation_form(backbone))
-            timed[f"{name} (native)"] = lambda index, state, step=step, decision=decision: step(index, state, decision)[3]
+            prepare = native_steps(backbone.represent, plan, policy, network.temperature, compacts_rows=False,  # heads only
+                                   native_represent=representation_form(backbone))
+            timed[f"{name} (native)"] = lambda index, state, step=prepare(), decision=decision: step(index, state, decision)[3]
+            # Once per call, not per exit: every exit's forms, read at the start of the call.
+            timed[f"{name} (native, all exits' forms, once per call)"] = lambda index, state, prepare=prepare: (prepare(), 0)[1]
     if compiled:  # one compiled program per exit (its shapes and modules), for this batch size
         for name, fn in named.items():
             per_exit = [torch.compile(functools.partial(fn, index), dynamic=False) for index in range(len(ims))]

@@ -17,7 +17,7 @@ from jei.native_exits import (
     NativeStep,
     load_kernel,
     native_plan,
-    native_step,
+    native_steps,
     representation_form,
 )
 from jei.policies import JEIRule
@@ -147,11 +147,12 @@ class EarlyExitNetwork(nn.Module):
     def _bind_native(self, plan: list[NativeExit], key: tuple[Any, ...]) -> Callable[[Any], EarlyExitResult]:
         backbone, policy, temperature, num_gates = self.backbone, self.policy, self.temperature, self.num_gates
         begin, batch_size, segment, select = backbone.begin, backbone.batch_size, backbone.run_segment, backbone.select
-        step = native_step(backbone.represent, plan, policy, temperature, plain_row_select(backbone),
-                           representation_form(backbone))
+        prepare = native_steps(backbone.represent, plan, policy, temperature, plain_row_select(backbone),
+                               representation_form(backbone))
 
         def run(inputs: Any) -> EarlyExitResult:  # (no ensemble or history gates: native_plan refuses them)
             try:
+                step = prepare()  # every exit's forms, read before any work
                 return stream_exits(inputs, batch_size(inputs), num_gates, begin=begin, segment=segment, head=_unused,
                                     gate=_unused, select=select, policy=policy, temperature=temperature, native=step)
             except NativeExitsChanged as change:  # edited since: this call again in Python, and the next ones
@@ -238,7 +239,7 @@ def stream_exits(
     as in ``EarlyExitNetwork.from_pooled``; ``policy`` decides who leaves. With
     ``gate_history`` (history gates, ``jei.types.HistoryGate``) ``gate(i, logits, history)``
     returns ``(gate logit, history)``, and the history is compacted with the samples.
-    ``native`` (``jei.native_exits.native_step``) replaces ``head``, ``gate``, the temperature and
+    ``native`` (a step of ``jei.native_exits.native_steps``) replaces ``head``, ``gate``, the temperature and
     ``policy.step`` with one call per exit that also counts who leaves and orders the samples,
     their logits and the policy state for compaction (no ``argsort`` or gathers of its own),
     and may copy out the staying samples' state itself (then ``select`` is not called).
@@ -260,6 +261,9 @@ def stream_exits(
     """
     read_gates = native is None and getattr(policy, "uses_gates", True)
     may_leave = skippable_exits(policy, ensemble_decay, gate_history)
+    # Asked for every exit here, together, rather than after each segment, where (cold) the
+    # same call costs several times more at batch 1.
+    skipped = [False] * num_gates if may_leave is None else [not may_leave(index) for index in range(num_gates)]
     unit = [value == 1.0 for value in temperature.tolist()]  # which temperatures are exactly 1
     running = total
     active: Tensor | None = None  # original positions of the running samples; None: all, in order
@@ -275,7 +279,7 @@ def stream_exits(
         state = state if begin is None else begin(state)
         for index in range(num_gates):
             state = segment(index, state)
-            if may_leave is not None and not may_leave(index):
+            if skipped[index]:
                 continue
             if native is not None:  # head, temperature, gate, decision and count in one call
                 if decision is None:

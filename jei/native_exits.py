@@ -72,8 +72,8 @@ class NativeExitsChanged(RuntimeError):
 
 @dataclass(frozen=True)
 class NativeExit:
-    """One exit's modules. Their ``native_form`` is read at every call that reaches the exit, so
-    edits inside them (a new classifier, new parameters, another ``pool_size``) are seen."""
+    """One exit's modules. Their ``native_form`` is read at the start of every call, so edits
+    inside them (a new classifier, new parameters, another ``pool_size``) are seen."""
 
     im: nn.Module
     gate: nn.Module
@@ -160,49 +160,60 @@ def representation_form(backbone: nn.Module) -> Callable[[int], tuple[str, Tenso
     return backbone.native_represent
 
 
-def native_step(
+def native_steps(
     represent: Callable[[int, Any], Tensor], plan: list[NativeExit], policy: Any, temperature: Tensor, compacts_rows: bool,
     native_represent: Callable[[int], tuple[str, Tensor, Tensor, float] | None] | None = None,
-) -> NativeStep:
-    """``step(index, state, decision) -> (logits, order, decision, count, staying state)`` for
-    ``jei.model.stream_exits``: exit ``index``'s head, temperature, score or gate, decision and
-    count in one kernel call. ``decision`` is the policy's streaming state (JEI's running gate
-    sum). When some but not all samples leave, ``order`` lists the staying samples, then the
-    leaving ones (each in batch order), and the logits and the state come in that order; with
-    ``compacts_rows`` (the backbone's ``select`` is plain row selection,
-    ``jei.memory_format.plain_row_select``) the kernel also copies out the staying samples'
-    backbone state, when it is a plain, dense CPU tensor (otherwise ``select`` does).
-    Otherwise ``order`` and that state are None. With ``native_represent``
-    (``representation_form``), a vector IM's representation, the class token's LayerNorm, is
-    computed in the kernel too. The heads' forms, the representation's and the policy's
-    thresholds are read at every call, so edits are seen; ``NativeExitsChanged`` when they no
-    longer run natively."""
+) -> Callable[[], NativeStep]:
+    """``prepare() -> step`` for one early-exit call. ``step(index, state, decision) -> (logits,
+    order, decision, count, staying state)`` is what ``jei.model.stream_exits`` calls at exit
+    ``index``: its head, temperature, score or gate, decision and count in one kernel call.
+    ``decision`` is the policy's streaming state (JEI's running gate sum). When some but not all
+    samples leave, ``order`` lists the staying samples, then the leaving ones (each in batch
+    order), and the logits and the state come in that order; with ``compacts_rows`` (the
+    backbone's ``select`` is plain row selection, ``jei.memory_format.plain_row_select``) the
+    kernel also copies out the staying samples' backbone state, when it is a plain, dense CPU
+    tensor (otherwise ``select`` does). Otherwise ``order`` and that state are None. With
+    ``native_represent`` (``representation_form``), a vector IM's representation, the class
+    token's LayerNorm, is computed in the kernel too.
+
+    ``prepare`` reads every exit's forms, the representation's and the policy's rule and
+    threshold, so edits made between calls are seen; ``NativeExitsChanged`` (before any work)
+    when they no longer run natively. It reads them all at once, at the start of the call:
+    read right after a segment, with the segment's data in the caches, the same reads cost
+    several times more (12 µs an exit on the ViT at batch 1 against about 1.5 µs, ad hoc)."""
     kernel = load_kernel().exit_step
     jei = RULES["jei"]
+    python_represent = (EMPTY, EMPTY, 0.0)  # the kernel's "no norm" arguments
 
-    def step(index: int, state: Any, decision: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, dict[str, Tensor], int, Any]:
+    def prepare() -> NativeStep:
         if _global_hooks():  # registered since the run was made: they would not see the heads
             raise NativeExitsChanged("global forward hooks are registered (native exits would skip them)")
-        exit_ = plan[index]
-        rule, threshold = policy.native_rule(index)
-        form, code = exit_.im.native_form(), RULES.get(rule)
-        gate_form = exit_.gate.native_form() if rule in GATE_RULES else (EMPTY, EMPTY)
-        if form is None or gate_form is None or code is None:
-            raise NativeExitsChanged(f"exit {index}'s IM, gate or rule is no longer one native exits run")
-        kind, grid, weight, bias = form
-        norm = native_represent(index) if native_represent is not None and kind == "vector" else None
-        if norm is not None and norm[0] == "class_token_layer_norm":  # the representation in the kernel too
-            features, pool, norm_form = state, POOLS["class_token_norm"], norm[1:]
-        else:
-            features, pool, norm_form = represent(index, state), POOLS[kind], (EMPTY, EMPTY, 0.0)
-        rows = state if compacts_rows and type(state) is Tensor else EMPTY  # (not a subclass: it would come back plain)
-        try:
-            logits, order, used, count, staying = kernel(
-                features, pool, grid, weight, bias, temperature, index, code, threshold, *gate_form,
-                decision["used"] if code == jei else EMPTY, rows, *norm_form,
-            )
-        except RuntimeError as error:  # the kernel refuses its inputs (dtype, device, shapes)
-            raise NativeExitsChanged(str(error)) from error
-        return logits, order, ({"used": used} if code == jei else decision), count, staying
+        exits = []
+        for index, exit_ in enumerate(plan):
+            rule, threshold = policy.native_rule(index)
+            form, code = exit_.im.native_form(), RULES.get(rule)
+            gate_form = exit_.gate.native_form() if rule in GATE_RULES else (EMPTY, EMPTY)
+            if form is None or gate_form is None or code is None:
+                raise NativeExitsChanged(f"exit {index}'s IM, gate or rule is no longer one native exits run")
+            kind, grid, weight, bias = form
+            norm = native_represent(index) if native_represent is not None and kind == "vector" else None
+            in_kernel = norm is not None and norm[0] == "class_token_layer_norm"  # the representation in the kernel too
+            pool = POOLS["class_token_norm"] if in_kernel else POOLS[kind]
+            exits.append((in_kernel, (pool, grid, weight, bias, temperature, index, code, threshold, *gate_form),
+                          norm[1:] if in_kernel else python_represent, code == jei))
 
-    return step
+        def step(index: int, state: Any, decision: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, dict[str, Tensor], int, Any]:
+            in_kernel, head, norm_form, reads_used = exits[index]
+            features = state if in_kernel else represent(index, state)
+            rows = state if compacts_rows and type(state) is Tensor else EMPTY  # (not a subclass: it would come back plain)
+            try:
+                logits, order, used, count, staying = kernel(
+                    features, *head, decision["used"] if reads_used else EMPTY, rows, *norm_form
+                )
+            except RuntimeError as error:  # the kernel refuses its inputs (dtype, device, shapes)
+                raise NativeExitsChanged(str(error)) from error
+            return logits, order, ({"used": used} if reads_used else decision), count, staying
+
+        return step
+
+    return prepare

@@ -300,6 +300,25 @@ def test_edits_inside_heads_are_seen_or_fall_back_to_python():
         native.early_exit(inputs)
 
 
+def test_a_deep_exit_that_stopped_qualifying_is_found_before_any_segment_runs():
+    """Every exit's form is read at the start of the call: an edit at the last exit sends the
+    whole call to Python before the first segment, so no segment runs twice."""
+    network = tiny_network(7)
+    network.policy = ConfidenceThreshold("max_prob", 2.0)  # nobody leaves: every exit is reached
+    segments = []
+    run_segment = network.backbone.run_segment
+    network.backbone.run_segment = lambda index, state: (segments.append(index), run_segment(index, state))[1]
+    inputs = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    network.use_native_exits().early_exit(inputs)
+    assert segments == list(range(network.num_gates + 1))  # bound, and run natively
+    segments.clear()
+    last = network.num_gates - 1
+    network.ims[last].classifier = torch.nn.Sequential(network.ims[last].classifier)  # no longer one linear layer
+    with pytest.warns(UserWarning, match="stopped running this network"):
+        network.early_exit(inputs)
+    assert segments == list(range(network.num_gates + 1))
+
+
 def test_hooks_overridden_scores_and_float64_temperatures_are_refused():
     network = tiny_network(1)
     handle = network.ims[2].classifier.register_forward_hook(lambda *args: None)
