@@ -57,6 +57,9 @@ class EarlyExitNetwork(nn.Module):
         self.ims = nn.ModuleList(ims)
         self.gates = nn.ModuleList(gates)
         self.policy: ExitPolicy = policy if policy is not None else JEIRule()
+        check_exits = getattr(self.policy, "check_exits", None)  # (optional in the contract)
+        if check_exits is not None:
+            check_exits(num_gates)  # e.g. per-exit thresholds of another length: now, not at the first decision
         self.ensemble_decay = float(ensemble_decay)
         # Per-exit temperature (G IMs, then the head): every exit's logits are divided by it
         # before gates, policies and losses see them; 1 until fitted (``jei.temperature``).

@@ -45,6 +45,9 @@ class Policy:
     def may_leave(self, index: int) -> bool:
         return True
 
+    def check_exits(self, num_gates: int) -> None:
+        return None
+
     def step(self, index: int, logits: Tensor, gate_logit: Tensor, state: State) -> tuple[Tensor, State]:
         raise NotImplementedError
 
@@ -149,11 +152,25 @@ class ConfidenceThreshold(Policy):
         if score not in SCORES:
             raise ValueError(f"policy.score must be one of {SCORES}, got {score!r}")
         self.score = score
-        values = torch.as_tensor(threshold, dtype=torch.float32).flatten()
+        try:
+            values = torch.as_tensor(threshold, dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"policy.threshold must be a number, or a list of numbers (one per intermediate exit), got {threshold!r}"
+            ) from None
         if torch.isnan(values).any():
             raise ValueError(f"policy.threshold must not be NaN, got {threshold}")
-        if score == "gate" and (torch.isfinite(values) & ((values < 0) | (values > 1))).any():  # inf: nobody leaves
-            raise ValueError(f"policy.threshold must be a probability in [0, 1] with score=gate, got {threshold}")
+        finite = torch.isfinite(values)  # (inf for max_prob and gate, -inf for entropy: nobody leaves there)
+        if score != "entropy" and (finite & ((values < 0) | (values > 1))).any():
+            raise ValueError(
+                f"policy.threshold must be a probability in [0, 1] with score={score} (inf: nobody leaves at that "
+                f"exit), got {threshold}"
+            )
+        if score == "entropy" and (finite & (values < 0)).any():
+            raise ValueError(
+                f"policy.threshold is an entropy (nats) with score=entropy and must be >= 0 (-inf: nobody leaves "
+                f"at that exit), got {threshold}"
+            )
         self.thresholds = self._internal(values)
 
     @property
@@ -213,6 +230,9 @@ class ConfidenceThreshold(Policy):
         if self.score == "gate":
             return torch.logit(thresholds.double()).float()
         return thresholds if self.score == "max_prob" else -thresholds
+
+    def check_exits(self, num_gates: int) -> None:
+        self.per_exit(num_gates)
 
     def per_exit(self, num_gates: int) -> Tensor:
         if self.thresholds.numel() == 1:

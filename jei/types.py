@@ -137,6 +137,12 @@ class ExitPolicy(Protocol):
         exit's IM, gate and step (optional: a policy without it is asked at every exit)."""
         ...
 
+    def check_exits(self, num_gates: int) -> None:
+        """Raise ``ValueError``, naming the setting and the fix, when this policy cannot run a
+        network with ``num_gates`` intermediate exits (e.g. per-exit thresholds of another
+        length); ``EarlyExitNetwork`` asks when it is built, before any work (optional)."""
+        ...
+
     def decide(self, outputs: ExitOutputs) -> Tensor:
         """``[B]`` exit index in 0..G for every sample of an all-exits pass."""
         ...

@@ -195,7 +195,7 @@ def test_early_exit_runs_in_inference_mode_but_returns_ordinary_tensors():
     modes = []
     run_segment = network.backbone.run_segment
     network.backbone.run_segment = lambda index, state: modes.append(torch.is_inference_mode_enabled()) or run_segment(index, state)
-    for threshold in (0.0, float(scores.median()), 2.0):  # all at exit 0, split, none early
+    for threshold in (0.0, float(scores.median()), float("inf")):  # all at exit 0, split, none early
         network.policy = ConfidenceThreshold("max_prob", threshold)
         result = network.early_exit(x)
         assert not result.logits.is_inference() and not result.exit_index.is_inference()

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jei.model import predict_from_outputs
+from jei.model import EarlyExitNetwork, predict_from_outputs
 from jei.policies import (
     BudgetedThreshold,
     ConfidenceThreshold,
@@ -224,6 +224,10 @@ def test_penalized_thresholds_never_lose_to_the_best_shared_threshold_on_validat
 
 @pytest.mark.parametrize(("factory", "kwargs", "field"), [
     (GateThreshold, {"threshold": 1.5}, "policy.threshold"),
+    (ConfidenceThreshold, {"score": "max_prob", "threshold": 1.5}, r"policy.threshold must be a probability in \[0, 1\]"),
+    (ConfidenceThreshold, {"score": "max_prob", "threshold": [0.9, -0.1]}, "policy.threshold must be a probability"),
+    (ConfidenceThreshold, {"score": "entropy", "threshold": -1.0}, "policy.threshold is an entropy"),
+    (ConfidenceThreshold, {"score": "max_prob", "threshold": "abc"}, "policy.threshold must be a number"),
     (ConfidenceThreshold, {"score": "margin"}, "policy.score"),
     (BudgetedThreshold, {"q": 0.0}, "policy.q"),
     (PenalizedThreshold, {"cost_weight": -1.0}, "policy.cost_weight"),
@@ -238,6 +242,11 @@ def test_per_exit_thresholds_must_match_the_exits():
     with pytest.raises(ValueError, match="one per exit"):
         ConfidenceThreshold("max_prob", [0.5, 0.5]).decide(random_outputs(0, gates=3))
     network = tiny_network(0)
-    network.policy = ConfidenceThreshold("max_prob", [2.0, 2.0])  # nobody leaves: exit 2 is asked
+    network.policy = ConfidenceThreshold("max_prob", [1.0, 1.0])  # (almost) nobody leaves: exit 2 is asked
     with pytest.raises(ValueError, match="one per exit"):
         network.early_exit(torch.randn(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="policy.threshold has 2 values but the network has 3"):  # when it is built
+        EarlyExitNetwork(network.backbone, network.ims, network.gates, ConfidenceThreshold("max_prob", [0.5, 0.5]))
+    for closed in (float("inf"), [0.9, float("inf"), 0.9]):  # inf closes an exit: not an error
+        ConfidenceThreshold("max_prob", closed)
+    ConfidenceThreshold("entropy", -float("inf"))
