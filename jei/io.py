@@ -49,8 +49,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
 
     The temporary file already exists (empty) when the block starts. If the writer recreates it
-    (safetensors' ``save_file`` does, with mode ``0600``), its umask-based mode is restored. Its
-    content is flushed to disk before the rename.
+    (safetensors' ``save_file`` does, with mode ``0600``), its umask-based mode is restored,
+    unless the writer made it a hard link to another file (``jei.backbone_cache.place``): that
+    file's mode is not this writer's to change. Its content is flushed to disk before the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         break
     try:
         yield tmp
-        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that recreated it (safetensors: 0600)
+        written = os.stat(tmp)
+        if stat.S_IMODE(written.st_mode) != mode and written.st_nlink == 1:  # recreated (safetensors: 0600)
             os.chmod(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import jei.run_dir
 from jei.io import atomic_write, write_json
@@ -176,6 +176,23 @@ def test_a_rewritten_result_file_gets_the_umask_mode_too(tmp_path, umask):
     target.chmod(0o600)
     write_json(target, {"a": 1})
     assert mode(target) == 0o644
+
+
+def test_a_run_linked_to_a_cached_backbone_leaves_the_entrys_mode_alone(tmp_path, umask):
+    """A run's ``backbone.safetensors`` may be a hard link to the backbone cache's entry: a run
+    under a stricter umask must not change the mode of the entry (and of every run linked to it)."""
+    from jei.backbone_cache import place
+
+    umask(0o022)
+    entry = atomic_write(tmp_path / "cache" / "entry.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))
+    earlier = tmp_path / "run_a" / "backbone.safetensors"
+    place(entry, earlier)
+    umask(0o077)
+    later = tmp_path / "run_b" / "backbone.safetensors"
+    how = place(entry, later)
+    assert mode(entry) == mode(earlier) == 0o644
+    assert mode(later) == (0o644 if how == "linked" else 0o600)
+    assert load_file(str(later))["w"].shape == (2,)
 
 
 def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path):
