@@ -380,6 +380,9 @@ class RunCheckpoints:
                 f"interrupted run's folder (hydra.run.dir=<folder>), or set trainer.resume=auto",
                 "trainer.resume",
             )
+        if (self.folder.parent / "metrics.json").is_file():  # a finished run: nothing to resume, results to replace
+            log.warning("%s holds a finished run: training it again, its results are replaced when this run "
+                        "finishes (pass another hydra.run.dir to keep them)", self.folder.parent)
         self.clear()
         try:
             write_json(marker, {"format": FORMAT, "fingerprint": self.fingerprint, "record": self.record})

@@ -101,6 +101,16 @@ def test_resume_modes(tmp_path, caplog):
         RunCheckpoints(tmp_path, {}, "maybe")
 
 
+def test_training_again_in_a_finished_runs_folder_warns(tmp_path, caplog):
+    """A finished run keeps no checkpoints: the same command in its folder trains again, and
+    says that the finished run's results will be replaced."""
+    RunCheckpoints(tmp_path, {"a": 1}, "auto").clear()  # a run that finished: its checkpoints are gone
+    assert "holds a finished run" not in caplog.text
+    (tmp_path / "metrics.json").write_text("{}")
+    assert not RunCheckpoints(tmp_path, {"a": 1}, "auto").resuming
+    assert f"{tmp_path} holds a finished run: training it again" in caplog.text
+
+
 # --- in-process interruptions ----------------------------------------------------------------------
 
 
