@@ -50,7 +50,7 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
         check_data(data, data.num_classes)
         backbone = build_backbone(cfg.backbone, data)
         check_backbone_fits(
-            backbone, data, data_name=cfg.data.name, backbone_name=cfg.backbone.name,
+            backbone, data, data_name=group_choice(cfg, "data"), backbone_name=group_choice(cfg, "backbone"),
             data_channels=data_input_channels(data),
         )
         make_network = network_factory(cfg.im, cfg.gate, data.num_classes, cfg.policy, objective)
@@ -64,6 +64,16 @@ def train(cfg: DictConfig, output_dir: Path) -> float:
     if world.main:
         log.info("results written to %s (%d process%s)", output_dir, world.size, "es" if world.distributed else "")
     return metrics.get("accuracy")
+
+
+def group_choice(cfg: DictConfig, group: str) -> str:
+    """What the user chose for config group ``group`` (``data=mutag``), as errors should name it;
+    the node's own ``name`` (``tu``) when Hydra did not compose ``cfg``."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    return str(cfg[group].name)
 
 
 def calibration_size(data: DataSplits, conformal: ConformalSettings) -> int:

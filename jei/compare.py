@@ -453,8 +453,8 @@ class Comparison:
         self, methods: list[Method], matched_costs: list[float], reference: str, budget: float | None, iterations: int
     ) -> dict[str, Any]:
         points = []
-        for method in tqdm(methods, desc="methods"):
-            for knob in tqdm(method.sweep["values"], desc=method.name, leave=False):
+        for method in tqdm(methods, desc="methods", disable=None):
+            for knob in tqdm(method.sweep["values"], desc=method.name, leave=False, disable=None):
                 points.append(self.point(method, knob))
             log.info("%s: %d points", method.name, len(method.sweep["values"]))
         oracle_source = next((m for m in methods if m.name == reference), methods[0])

@@ -157,7 +157,7 @@ def _feature_batches(
         torch.manual_seed(seed)  # augmentations draw from the global generator
     batches = data.batches(split, batch_size, augment=augment)
     shown = len(only) if only is not None else total
-    progress = tqdm(total=shown, desc=f"features[{split}]", leave=False)
+    progress = tqdm(total=shown, desc=f"features[{split}]", leave=False, disable=None)
     for number, (inputs, y) in enumerate(batches):
         if only is not None and number not in only:
             continue

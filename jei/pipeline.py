@@ -152,7 +152,7 @@ def early_exit_predictions(
     network.eval()
     logits, exits = [], []
     total = (data.size(split) + batch_size - 1) // batch_size
-    for inputs, _ in tqdm(data.batches(split, batch_size), total=total, desc=f"early exit[{split}]", leave=False):
+    for inputs, _ in tqdm(data.batches(split, batch_size), total=total, desc=f"early exit[{split}]", leave=False, disable=None):
         with autocast(device, precision):
             result = network.early_exit(to_device(inputs, device))
         logits.append(result.logits.float().cpu())

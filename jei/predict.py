@@ -214,11 +214,13 @@ def read_record(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{run_dir} is not a directory: give the folder of a finished jei-train run")
     path = run_dir / RECORD
     if not path.is_file():
-        hint = (
-            "it was trained before runs saved run.json: train it again with this version of jei-train"
-            if (run_dir / "metrics.json").is_file()
-            else "is it the folder of a finished jei-train run? (a run writes run.json just before metrics.json)"
-        )
+        runs = sorted(p.parent.name for p in run_dir.glob(f"*/{RECORD}"))
+        if runs:  # a sweep's (or jei-compare's) folder: its runs are one level down
+            hint = f"it holds runs in its subfolders ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}): pass one of them"
+        elif (run_dir / "metrics.json").is_file():
+            hint = "it was trained before runs saved run.json: train it again with this version of jei-train"
+        else:
+            hint = "is it the folder of a finished jei-train run? (a run writes run.json just before metrics.json)"
         raise FileNotFoundError(f"{path} is missing; {hint}")
     try:
         record = json.loads(path.read_text())
@@ -446,7 +448,9 @@ class Predictor:
     def predict_files(self, paths: Iterable[str | os.PathLike[str]], alpha: float = 0.1, sets: str = "per_exit",
                       batch_size: int | None = None) -> Predictions:
         graphs = isinstance(self.preprocessing, GraphPreprocessing)
-        files = expand_inputs(paths, GRAPH_SUFFIXES if graphs else IMAGE_SUFFIXES)
+        files = expand_inputs(paths, GRAPH_SUFFIXES if graphs else IMAGE_SUFFIXES,
+                              "this run takes graphs (.json files, jei.predict.read_graph)" if graphs
+                              else "this run takes image files")
         sources = [str(f) for f in files]
         if graphs:
             prepared = []
@@ -536,16 +540,18 @@ class Predictor:
 # --- reading inputs --------------------------------------------------------------------------------
 
 
-def expand_inputs(paths: Iterable[str | os.PathLike[str]], suffixes: Sequence[str]) -> list[Path]:
+def expand_inputs(paths: Iterable[str | os.PathLike[str]], suffixes: Sequence[str], expected: str = "") -> list[Path]:
     """Files as given, and every file with one of ``suffixes`` inside each folder (recursively,
-    sorted by path); a missing path or a folder without such files is an ``InputError``."""
+    sorted by path); a missing path or a folder without such files is an ``InputError`` (which
+    says ``expected``: what the run takes)."""
     files: list[Path] = []
     for item in paths:
         path = Path(item).expanduser()
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             if not found:
-                raise InputError(f"{path}: no {'/'.join(s.lstrip('.') for s in suffixes)} files in this folder", path)
+                kinds = "/".join(s.lstrip(".") for s in suffixes)
+                raise InputError(f"{path}: no {kinds} files in this folder{f'; {expected}' if expected else ''}", path)
             files += found
         elif path.is_file():
             files.append(path)

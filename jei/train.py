@@ -221,7 +221,7 @@ def fit_backbone(
         backbone.train()
         total = 0.0
         batches = data.batches("train", settings.batch_size, shuffle=True, seed=seed + epoch, augment=settings.augment)
-        for inputs, labels in tqdm(batches, total=steps_per_epoch, desc=f"backbone epoch {epoch}", leave=False):
+        for inputs, labels in tqdm(batches, total=steps_per_epoch, desc=f"backbone epoch {epoch}", leave=False, disable=None):
             rows, share = distributed.local_rows(len(labels), world)
             if world.distributed:
                 inputs, labels = distributed.take_rows(inputs, rows), labels[rows]
@@ -358,7 +358,7 @@ def _run_phase(
             order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
             losses: dict[str, list[float]] = {step.name: [] for step in phase.steps}
             starts = range(0, len(features), settings.batch_size)
-            for batch_number, start in enumerate(tqdm(starts, desc=f"{phase.name} {epoch}", leave=False)):
+            for batch_number, start in enumerate(tqdm(starts, desc=f"{phase.name} {epoch}", leave=False, disable=None)):
                 index = plan[epoch * steps_per_epoch + batch_number]
                 step = phase.steps[index]
                 rows = order[start : start + settings.batch_size]

@@ -212,11 +212,15 @@ def check_backbone_fits(
                 f"{expected}-channel inputs; pick a backbone for {data_channels}-channel data (e.g. backbone=small_cnn, "
                 f"which takes its channels from the data) or a {expected}-channel dataset"
             ) from err
-        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        if not isinstance(inputs, Tensor):  # graphs (a PyG batch) into a tensor backbone, or the like
+            raise ConfigError(
+                f"backbone={backbone_name} cannot take data={data_name}'s batches ({type(inputs).__name__}, not a "
+                f"tensor); pick a backbone for this data (graph data: backbone=graph_gps)"
+            ) from err
         first = one_line_error(err)
         raise ConfigError(
-            f"backbone={backbone_name} cannot run on data={data_name} (a batch of shape {shape}): {first}; "
-            f"pick a backbone that fits this data"
+            f"backbone={backbone_name} cannot run on data={data_name} (a batch of shape {tuple(inputs.shape)}): "
+            f"{first}; pick a backbone that fits this data"
         ) from err
     finally:
         backbone.train(was_training)

@@ -117,6 +117,20 @@ def test_mismatching_images_name_the_file_and_the_expected_format(tmp_path, make
     assert info.value.path == path
 
 
+def test_a_sweep_folder_or_a_folder_of_other_files_is_refused_with_what_to_pass(tmp_path):
+    from jei.predict import expand_inputs, read_record
+
+    for run in ("0", "1"):
+        (tmp_path / "sweep" / run).mkdir(parents=True)
+        (tmp_path / "sweep" / run / "run.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"run.json is missing; it holds runs in its subfolders \(0, 1\): pass one"):
+        read_record(tmp_path / "sweep")
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "a.png").write_bytes(b"")
+    with pytest.raises(InputError, match=r"no json files in this folder; this run takes graphs"):
+        expand_inputs([tmp_path / "pngs"], (".json",), "this run takes graphs")
+
+
 def test_raw_arrays_are_checked_for_shape_and_value_range():
     assert check_raw_images(np.full((2, 8, 8), 16), DIGITS).shape == (2, 1, 8, 8)
     with pytest.raises(InputError, match=r"values in \[-0.5, 1\]: the run expects raw digits values in 0..16"):

@@ -366,6 +366,25 @@ def test_backbone_probe_leaves_the_backbone_as_it_was():
         check_backbone_fits(backbone, wrong, data_name="tiny", backbone_name="small_cnn", data_channels=2)
 
 
+def test_a_backbone_that_cannot_take_the_datas_batches_is_told_so():
+    """Graphs (not tensors) into an image backbone: the error says what the batches are and
+    which backbone takes graphs, not the convolution's argument list."""
+    from jei.registry import BACKBONES
+
+    class GraphBatch:  # stands in for a PyG batch
+        pass
+
+    class Graphs:
+        def batches(self, split, batch_size):
+            yield GraphBatch(), torch.zeros(2, dtype=torch.long)
+
+    backbone = BACKBONES.build("small_cnn", in_channels=1, num_classes=3, widths=(4, 4), strides=(1, 1), exits=(1,))
+    with pytest.raises(ConfigError) as caught:
+        check_backbone_fits(backbone, Graphs(), data_name="mutag", backbone_name="small_cnn")
+    assert str(caught.value) == ("backbone=small_cnn cannot take data=mutag's batches (GraphBatch, not a tensor); "
+                                 "pick a backbone for this data (graph data: backbone=graph_gps)")
+
+
 def test_data_settings_without_a_known_dataset_check_what_they_can():
     check_data_settings({"name": "not_registered", "fractions": [0.5, 0.5]})  # length unknown: build_data reports
     with pytest.raises(ConfigError, match="data must be a mapping"):
@@ -388,6 +407,9 @@ def jei_train(*overrides: str, cwd: Path, **env: str) -> subprocess.CompletedPro
     ("seed=abc", "seed must be an integer, got 'abc'"),
     ("backbone=cifar_resnet backbone.weights=null backbone.depth=8",
      "data=digits has 1-channel inputs but backbone=cifar_resnet takes 3-channel inputs"),
+    ("policy=max_prob policy.threshold=[0.9,0.8]",
+     "policy.threshold has 2 values but the network has 3 intermediate exits: give one value, or one per exit"),
+    ("policy=max_prob policy.threshold=abc", "policy.threshold must be a number, or a list of numbers"),
 ])
 def test_jei_train_reports_one_line_and_exits_2(tmp_path, override, expected):
     run_dir = tmp_path / "run"
