@@ -131,7 +131,7 @@ class T2TViT(SequentialBackbone):
 
     def native_represent(self, index: int) -> tuple[str, Tensor, Tensor, float] | None:
         """The class token's final LayerNorm, for native exits (``jei.types.NativeRepresentation``)."""
-        return class_token_norm_form(self._modules["norm"])  # (the dict: read at every exit)
+        return class_token_norm_form(self._modules["norm"])  # (the dict: read for every exit at every call)
 
 
 class TokensToToken(nn.Module):

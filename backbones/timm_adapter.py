@@ -134,8 +134,8 @@ class TimmBackbone(SequentialBackbone):
         """The class token's final LayerNorm, for native exits (``jei.types.NativeRepresentation``)."""
         if not self._is_vit or self.token != "cls":
             return None
-        # Read from the module dicts: native exits call this at every exit they reach, and each
-        # ``Module.__getattr__`` costs about as much as the kernel's work on one image.
+        # Read from the module dicts: native exits call this for every exit at every call, and
+        # each ``Module.__getattr__`` costs about 0.7 µs, half the kernel's work on one image.
         modules = self._modules["model"]._modules
         norm = modules["norm"]
         if vars(norm).get("_fast_norm", False):  # (timm sets the flag on the instance)

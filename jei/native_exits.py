@@ -179,8 +179,9 @@ def native_steps(
     ``prepare`` reads every exit's forms, the representation's and the policy's rule and
     threshold, so edits made between calls are seen; ``NativeExitsChanged`` (before any work)
     when they no longer run natively. It reads them all at once, at the start of the call:
-    read right after a segment, with the segment's data in the caches, the same reads cost
-    several times more (12 µs an exit on the ViT at batch 1 against about 1.5 µs, ad hoc)."""
+    read right after a segment, whose data has pushed the Python objects out of the caches, the
+    same reads cost several times more (ViT, batch 1: 12 µs an exit after its segment, ad hoc,
+    against 19 µs for all five exits at the start of a call, ``benchmarks/exit_head_cost.py``)."""
     kernel = load_kernel().exit_step
     jei = RULES["jei"]
     python_represent = (EMPTY, EMPTY, 0.0)  # the kernel's "no norm" arguments

@@ -214,7 +214,7 @@ def read_record(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{run_dir} is not a directory: give the folder of a finished jei-train run")
     path = run_dir / RECORD
     if not path.is_file():
-        runs = sorted(p.parent.name for p in run_dir.glob(f"*/{RECORD}"))
+        runs = sorted((p.parent.name for p in run_dir.glob(f"*/{RECORD}")), key=lambda name: (len(name), name))
         if runs:  # a sweep's (or jei-compare's) folder: its runs are one level down
             hint = f"it holds runs in its subfolders ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}): pass one of them"
         elif (run_dir / "metrics.json").is_file():
