@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -94,8 +95,39 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return Path(path)
 
 
+# Strict JSON has no inf or NaN (and other tools refuse Python's ``Infinity``): such floats are
+# written as these strings, and ``with_non_finite`` turns them back into floats.
+NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def finite_json(data: Any) -> Any:
+    """``data`` with every non-finite float as ``"inf"``, ``"-inf"`` or ``"nan"`` (e.g. a
+    per-exit threshold of ``inf``, which closes an exit)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "nan" if math.isnan(data) else ("inf" if data > 0 else "-inf")
+    if isinstance(data, dict):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(value) for value in data]
+    return data
+
+
+def with_non_finite(data: Any) -> Any:
+    """The inverse of ``finite_json``: ``"inf"``, ``"-inf"`` and ``"nan"`` back to floats (a
+    string setting spelled so would come back as a float too; no setting here is one)."""
+    if isinstance(data, str):
+        return NON_FINITE.get(data, data)
+    if isinstance(data, dict):
+        return {key: with_non_finite(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [with_non_finite(value) for value in data]
+    return data
+
+
 def write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n"))
+    """``data`` as strict JSON (non-finite floats as strings, ``finite_json``), atomically."""
+    text = json.dumps(finite_json(data), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def remove_stale_temp_files(folder: str | Path, older_than_s: float) -> list[Path]:

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from jei.data.base import GraphPreprocessing, ImagePreprocessing, preprocessing_from_dict
 from jei.errors import ConfigError
+from jei.io import with_non_finite
 
 RECORD = "run.json"
 CALIBRATION = "calibration.safetensors"
@@ -229,6 +230,7 @@ def read_record(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         found = record.get("format") if isinstance(record, dict) else None
         raise ValueError(f"{path}: unknown run record format {found!r}, expected {FORMAT!r}")
+    record["config"] = with_non_finite(record.get("config") or {})  # e.g. policy.threshold: inf
     return record
 
 

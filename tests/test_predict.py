@@ -199,6 +199,33 @@ def evaluation(run_dir: Path):
 
 
 @pytest.mark.slow
+def test_a_run_with_a_closed_exit_writes_strict_json_and_loads_its_policy(tmp_path):
+    """``policy.threshold=[0.5,inf,0.5]`` closes exit 1: the run's JSON files stay strict JSON
+    (inf as the string "inf"), and the loaded run has the same thresholds and exits."""
+    from jei.predict import load
+
+    quick = [o for o in QUICK if not o.startswith("policy=")]
+    result = run_command(script("jei-train"), *quick, "policy=max_prob", "policy.threshold=[0.5,inf,0.5]",
+                         "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def strict(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    run_dir = tmp_path / "run"
+    for name in ("metrics.json", "run.json"):
+        document = json.loads((run_dir / name).read_text(), parse_constant=strict)
+        assert document["config"]["policy"]["threshold"] == [0.5, "inf", 0.5]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["exit_fractions"][1] == 0.0
+    policy = load(run_dir).network.policy
+    assert policy.thresholds.tolist() == [0.5, float("inf"), 0.5]
+    _, exits, _ = evaluation(run_dir)
+    fractions = torch.bincount(exits, minlength=len(metrics["exit_fractions"])).double() / len(exits)
+    assert fractions.tolist() == metrics["exit_fractions"]
+
+
+@pytest.mark.slow
 def test_jei_predict_from_another_directory_equals_the_runs_test_evaluation(trained, test_pngs, tmp_path):
     folder, _, labels = test_pngs
     elsewhere = tmp_path / "elsewhere"

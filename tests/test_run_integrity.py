@@ -169,6 +169,20 @@ def test_result_files_get_the_mode_the_umask_allows(tmp_path, umask, mask):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)  # no temporary files
 
 
+def test_json_results_stay_strict_json_with_non_finite_floats(tmp_path):
+    from jei.io import with_non_finite
+
+    data = {"threshold": [0.5, float("inf"), float("-inf")], "nested": {"x": float("nan")}, "name": "inf"}
+
+    def strict(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    written = json.loads(write_json(tmp_path / "m.json", data).read_text(), parse_constant=strict)
+    assert written == {"threshold": [0.5, "inf", "-inf"], "nested": {"x": "nan"}, "name": "inf"}
+    back = with_non_finite(written)
+    assert back["threshold"] == [0.5, float("inf"), float("-inf")] and back["nested"]["x"] != back["nested"]["x"]
+
+
 def test_a_rewritten_result_file_gets_the_umask_mode_too(tmp_path, umask):
     umask(0o022)
     target = tmp_path / "metrics.json"
