@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from jei.errors import ConfigError
-from jei.io import atomic_write, write_json
+from jei.io import atomic_write, with_non_finite, write_json
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,8 @@ class StageCheckpoint:
             pass
 
 
+# What marks a run folder as finished: ``metrics.json`` (written last) and the run record.
+FINISHED_FILES = ("metrics.json", "run.json")
 # Settings that change nothing in the results: a run resumed with other values of these is the same run.
 NOT_RESULTS = ("trainer.resume", "trainer.tensorboard", "trainer.backbone_cache", "trainer.feature_cache", "paths")
 
@@ -365,7 +367,8 @@ class RunCheckpoints:
             log.info("resuming the run in %s from its checkpoints", self.folder.parent)
             return True
         if previous is not None and mode is not False:
-            changed = _differences(previous.get("record"), self.record) if isinstance(previous, dict) else []
+            # (the marker is JSON: an inf in the config is the string "inf" there)
+            changed = _differences(with_non_finite(previous.get("record")), self.record) if isinstance(previous, dict) else []
             what = f"other settings ({', '.join(changed[:6])})" if changed else "another run"
             if mode is True:
                 raise ConfigError(
@@ -380,15 +383,25 @@ class RunCheckpoints:
                 f"interrupted run's folder (hydra.run.dir=<folder>), or set trainer.resume=auto",
                 "trainer.resume",
             )
-        if (self.folder.parent / "metrics.json").is_file():  # a finished run: nothing to resume, results to replace
-            log.warning("%s holds a finished run: training it again, its results are replaced when this run "
-                        "finishes (pass another hydra.run.dir to keep them)", self.folder.parent)
+        self._unfinish()
         self.clear()
         try:
             write_json(marker, {"format": FORMAT, "fingerprint": self.fingerprint, "record": self.record})
         except (OSError, ValueError) as err:
             log.warning("checkpoint: cannot write %s (%s); this run cannot be resumed", marker, err)
         return False
+
+    def _unfinish(self) -> None:
+        """A finished run's folder trained again: its files are replaced as this run writes
+        them (the backbone after stage 1), so until it finishes the folder must not pass for
+        a finished run (``metrics.json``, and ``run.json``, which ``jei.predict.load`` reads)."""
+        run_dir = self.folder.parent
+        finished = [run_dir / name for name in FINISHED_FILES if (run_dir / name).is_file()]
+        if finished:
+            log.warning("%s holds a finished run: training it again, so its %s are removed now (pass another "
+                        "hydra.run.dir to keep them)", run_dir, " and ".join(path.name for path in finished))
+        for path in finished:
+            path.unlink()
 
     def stage(self, name: str, *extra: str) -> StageCheckpoint:
         """The checkpoint of stage ``name``; ``extra`` (e.g. a weights hash) joins its fingerprint."""

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from jei.calibrate import ConformalSettings, Scored, calibration_folds, conformal_metrics
 from jei.conformal import expected_calibration_error
 from jei.features import CachedSplit
-from jei.io import atomic_write, write_json
+from jei.io import atomic_write, with_non_finite, write_json
 from jei.model import EarlyExitNetwork, predict_from_outputs
 from jei.pipeline import RunSettings, exits_state, seed_everything
 from jei.registry import GATES, OBJECTIVES, POLICIES
@@ -392,7 +392,7 @@ class Comparison:
                     self.alpha, *method.identity()]
         path = self.output_dir / "points" / method.name / f"{_digest(identity)}.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            return with_non_finite(json.loads(path.read_text()))  # as computed: inf is "inf" in JSON
         folds = self.trained(method, objective_kwargs)
         metrics = point_metrics(self.policies(method, knob, folds), folds, self.costs, self.settings.conformal,
                                 self.alpha, self.settings.seed)

@@ -82,7 +82,7 @@ class NativeExit:
 def linear_parameters(linear: nn.Module) -> tuple[Tensor, Tensor] | None:
     """``(weight, bias)`` of a plain ``nn.Linear`` with a bias, or None (another module, a
     parametrized or hook-computed weight, no bias); for ``native_form``. Read from the module
-    dicts: native exits call it at every exit they reach."""
+    dicts: native exits call it for every exit at every call."""
     if type(linear) is not nn.Linear:  # (a parametrized Linear is a subclass)
         return None
     weight, bias = linear._parameters.get("weight"), linear._parameters.get("bias")
@@ -184,7 +184,7 @@ def native_steps(
     against 19 µs for all five exits at the start of a call, ``benchmarks/exit_head_cost.py``)."""
     kernel = load_kernel().exit_step
     jei = RULES["jei"]
-    python_represent = (EMPTY, EMPTY, 0.0)  # the kernel's "no norm" arguments
+    no_norm = (EMPTY, EMPTY, 0.0)  # the kernel's arguments for a representation computed in Python
 
     def prepare() -> NativeStep:
         if _global_hooks():  # registered since the run was made: they would not see the heads
@@ -201,7 +201,7 @@ def native_steps(
             in_kernel = norm is not None and norm[0] == "class_token_layer_norm"  # the representation in the kernel too
             pool = POOLS["class_token_norm"] if in_kernel else POOLS[kind]
             exits.append((in_kernel, (pool, grid, weight, bias, temperature, index, code, threshold, *gate_form),
-                          norm[1:] if in_kernel else python_represent, code == jei))
+                          norm[1:] if in_kernel else no_norm, code == jei))
 
         def step(index: int, state: Any, decision: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, dict[str, Tensor], int, Any]:
             in_kernel, head, norm_form, reads_used = exits[index]

@@ -11,6 +11,7 @@ test; their settings are tensors returned by ``state_dict`` and saved with the r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -227,8 +228,8 @@ class ConfidenceThreshold(Policy):
         """Thresholds on the "higher is surer" score: the entropy's are negated; the gate's are
         compared on the logit scale (no rounding from a sigmoid that could differ between the
         streaming and the vectorised pass)."""
-        if self.score == "gate":
-            return torch.logit(thresholds.double()).float()
+        if self.score == "gate":  # (an infinite threshold stays one: logit(inf) is NaN)
+            return torch.where(thresholds.isinf(), thresholds, torch.logit(thresholds.double()).float())
         return thresholds if self.score == "max_prob" else -thresholds
 
     def check_exits(self, num_gates: int) -> None:
@@ -307,7 +308,7 @@ class BudgetedThreshold(ConfidenceThreshold):
     def __init__(self, q: float = 1.0, score: str = "max_prob") -> None:
         if not q > 0:
             raise ValueError(f"policy.q must be > 0, got {q}")
-        super().__init__(score, float("inf"))  # nobody leaves early until fitted
+        super().__init__(score, closed(score))  # nobody leaves early until fitted
         self.q = float(q)
 
     @torch.no_grad()
@@ -341,7 +342,7 @@ class PenalizedThreshold(ConfidenceThreshold):
             raise ValueError(f"policy.cost_weight must be >= 0, got {cost_weight}")
         if candidates < 2 or sweeps < 1:
             raise ValueError(f"policy.candidates must be >= 2 and policy.sweeps >= 1, got {candidates}, {sweeps}")
-        super().__init__(score, float("inf"))
+        super().__init__(score, closed(score))  # nobody leaves early until fitted
         self.cost_weight = float(cost_weight)
         self.candidates = candidates
         self.sweeps = sweeps
@@ -394,6 +395,11 @@ class Patience(Policy):
         predicted = logits.argmax(dim=-1)
         count = torch.where(predicted == state["previous"], state["count"] + 1, torch.ones_like(state["count"]))
         return count >= self.patience, {"previous": predicted, "count": count}
+
+
+def closed(score: str) -> float:
+    """The threshold no sample passes with ``score``: +inf, or -inf for an entropy bound."""
+    return -math.inf if score == "entropy" else math.inf
 
 
 def max_prob(threshold: float | Sequence[float] = 0.9) -> ConfidenceThreshold:

@@ -212,15 +212,16 @@ def check_backbone_fits(
                 f"{expected}-channel inputs; pick a backbone for {data_channels}-channel data (e.g. backbone=small_cnn, "
                 f"which takes its channels from the data) or a {expected}-channel dataset"
             ) from err
-        if not isinstance(inputs, Tensor):  # graphs (a PyG batch) into a tensor backbone, or the like
-            raise ConfigError(
-                f"backbone={backbone_name} cannot take data={data_name}'s batches ({type(inputs).__name__}, not a "
-                f"tensor); pick a backbone for this data (graph data: backbone=graph_gps)"
-            ) from err
         first = one_line_error(err)
+        if not isinstance(inputs, Tensor) and expected is not None:  # graphs (a PyG batch) into a CNN
+            raise ConfigError(
+                f"backbone={backbone_name} takes image tensors, but data={data_name} gives {type(inputs).__name__} "
+                f"batches; pick a backbone for this data (graphs: backbone=graph_gps)"
+            ) from err
+        batch = f"shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else type(inputs).__name__
         raise ConfigError(
-            f"backbone={backbone_name} cannot run on data={data_name} (a batch of shape {tuple(inputs.shape)}): "
-            f"{first}; pick a backbone that fits this data"
+            f"backbone={backbone_name} cannot run on data={data_name} (a batch of {batch}): {first}; pick a "
+            f"backbone that fits this data"
         ) from err
     finally:
         backbone.train(was_training)

@@ -238,6 +238,22 @@ def test_bad_policy_settings_name_the_field(factory, kwargs, field):
         factory(**kwargs)
 
 
+@pytest.mark.parametrize("score", ["max_prob", "entropy"])
+def test_fitted_policies_let_nobody_leave_early_until_fitted(score):
+    outputs = random_outputs(0, gates=3)
+    for policy in (BudgetedThreshold(1.0, score), PenalizedThreshold(0.5, score)):
+        assert policy.decide(outputs).tolist() == [3] * outputs.logits.shape[1]
+        assert not any(policy.may_leave(index) for index in range(3))
+
+
+def test_an_infinite_gate_threshold_stays_infinite_on_the_logit_scale():
+    """logit(inf) is NaN: the internal threshold must be +inf itself, so no finite gate logit
+    passes it (and the rule is not left to NaN comparisons)."""
+    policy = ConfidenceThreshold("gate", [float("inf"), 0.5, 0.5])
+    assert policy.thresholds.tolist() == [float("inf"), 0.0, 0.0]
+    assert (policy.decide(random_outputs(0, gates=3)) != 0).all()
+
+
 def test_per_exit_thresholds_must_match_the_exits():
     with pytest.raises(ValueError, match="one per exit"):
         ConfidenceThreshold("max_prob", [0.5, 0.5]).decide(random_outputs(0, gates=3))

@@ -101,14 +101,25 @@ def test_resume_modes(tmp_path, caplog):
         RunCheckpoints(tmp_path, {}, "maybe")
 
 
-def test_training_again_in_a_finished_runs_folder_warns(tmp_path, caplog):
-    """A finished run keeps no checkpoints: the same command in its folder trains again, and
-    says that the finished run's results will be replaced."""
+def test_a_changed_setting_is_named_alone_when_the_config_holds_inf(tmp_path, caplog):
+    """The marker is JSON, where inf is the string "inf": it still compares equal."""
+    RunCheckpoints(tmp_path, {"policy": {"threshold": [0.5, float("inf")]}, "seed": 0}, "auto")
+    assert RunCheckpoints(tmp_path, {"policy": {"threshold": [0.5, float("inf")]}, "seed": 0}, "auto").resuming
+    assert not RunCheckpoints(tmp_path, {"policy": {"threshold": [0.5, float("inf")]}, "seed": 1}, "auto").resuming
+    assert "are from other settings (seed): not resuming" in caplog.text
+
+
+def test_training_again_in_a_finished_runs_folder_warns_and_unmarks_it(tmp_path, caplog):
+    """A finished run keeps no checkpoints: the same command in its folder trains again, says
+    so, and removes what marks the folder as finished, so that a run stopped halfway is never
+    read as a finished one (its backbone would already be the new one)."""
     RunCheckpoints(tmp_path, {"a": 1}, "auto").clear()  # a run that finished: its checkpoints are gone
     assert "holds a finished run" not in caplog.text
-    (tmp_path / "metrics.json").write_text("{}")
+    for name in ("metrics.json", "run.json", "training.csv"):
+        (tmp_path / name).write_text("{}")
     assert not RunCheckpoints(tmp_path, {"a": 1}, "auto").resuming
-    assert f"{tmp_path} holds a finished run: training it again" in caplog.text
+    assert f"{tmp_path} holds a finished run: training it again, so its metrics.json and run.json are removed" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "training.csv"]
 
 
 # --- in-process interruptions ----------------------------------------------------------------------

@@ -381,8 +381,17 @@ def test_a_backbone_that_cannot_take_the_datas_batches_is_told_so():
     backbone = BACKBONES.build("small_cnn", in_channels=1, num_classes=3, widths=(4, 4), strides=(1, 1), exits=(1,))
     with pytest.raises(ConfigError) as caught:
         check_backbone_fits(backbone, Graphs(), data_name="mutag", backbone_name="small_cnn")
-    assert str(caught.value) == ("backbone=small_cnn cannot take data=mutag's batches (GraphBatch, not a tensor); "
-                                 "pick a backbone for this data (graph data: backbone=graph_gps)")
+    assert str(caught.value) == ("backbone=small_cnn takes image tensors, but data=mutag gives GraphBatch batches; "
+                                 "pick a backbone for this data (graphs: backbone=graph_gps)")
+
+    class GraphNet(torch.nn.Module):  # takes graphs, but fails for its own reason: that reason is kept
+        def forward(self, batch):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)\nmore")
+
+    with pytest.raises(ConfigError) as caught:
+        check_backbone_fits(GraphNet(), Graphs(), data_name="mutag", backbone_name="my_gnn")
+    assert str(caught.value) == ("backbone=my_gnn cannot run on data=mutag (a batch of GraphBatch): mat1 and mat2 "
+                                 "shapes cannot be multiplied (2x3 and 4x5); pick a backbone that fits this data")
 
 
 def test_data_settings_without_a_known_dataset_check_what_they_can():
