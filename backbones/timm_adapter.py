@@ -13,7 +13,6 @@ the tests check this against ``model(x)`` and ``forward_intermediates``.
 from __future__ import annotations
 
 import functools
-
 import socket
 from collections.abc import Callable
 from typing import Any, Literal

@@ -19,7 +19,8 @@ AOTInductor (torch 2.14.1, CPU) miscompiles nested ``torch.cond`` when a convolu
 crosses a ``cond`` with layout optimization on. ``--layout as-is`` builds the program without
 ``compile_batch1``'s workaround (the state crosses each ``cond`` flattened, ``flat``, the
 default), and its check refuses the result; ``no-layout-optimization`` builds it without the
-workaround too, with Inductor's layout optimization off instead. Building takes seconds (digits) to a few minutes (ResNet-56).
+workaround too, with Inductor's layout optimization off instead. Building takes seconds
+(digits) to a few minutes (ResNet-56).
 """
 
 from __future__ import annotations

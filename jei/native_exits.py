@@ -4,8 +4,9 @@ At batch 1 the Python head of an exit (IM, temperature, score or JEI gate, decis
 8 to 25 PyTorch operations that each cost several microseconds of dispatch, which is what keeps
 real early exit above its latency-weighted ideal (``benchmarks/exit_head_cost.py``). Native
 exits compute the same thing in one call to a small C++ kernel (``jei/csrc/native_exits.cpp``),
-which also copies out the staying samples' state when some leave (for backbones whose ``select``
-is plain row selection, ``jei.memory_format.plain_row_select``), compiled on first use with torch's ``cpp_extension`` (a C++ compiler and ninja; about 20 s
+which also copies out the staying samples' state when some leave (for backbones whose
+``select`` is plain row selection, ``jei.memory_format.plain_row_select``). The kernel is
+compiled on first use with torch's ``cpp_extension`` (a C++ compiler and ninja; about 20 s
 once, then cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``)::
 
     network.use_native_exits()          # builds or loads the kernel; raises if it cannot run

@@ -107,8 +107,9 @@ class NativeRepresentation(Protocol):
     ``native_represent(index)`` returns ``("class_token_layer_norm", weight [C], bias [C], eps)``
     when ``represent(index, state)`` is exactly ``layer_norm(state[:, 0], (C,), weight, bias,
     eps)`` of tokens ``[B, N, C]`` (a ViT's class token under its final norm), and None
-    otherwise (then ``represent`` runs in Python). Read for every exit at every call; a subclass that
-    overrides ``represent`` below the class that defines ``native_represent`` is run in Python."""
+    otherwise (then ``represent`` runs in Python). Read for every exit at every call; a
+    subclass that overrides ``represent`` below the class that defines ``native_represent`` is
+    run in Python."""
 
     def native_represent(self, index: int) -> tuple[str, Tensor, Tensor, float] | None: ...
 
